@@ -1,0 +1,316 @@
+"""
+The Conn: one request and its response, the value every plug receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from desperados.errors import AlreadySentError
+from desperados.upgrade import check_websocket_upgrade
+from desperados.websock import WebSocketOptions, WebSocketUpgrade
+
+# Plug's default: the response may not be cached by shared caches and must be
+# revalidated before reuse.
+DEFAULT_RESP_HEADERS: tuple[tuple[str, str], ...] = (
+    ("cache-control", "max-age=0, private, must-revalidate"),
+)
+
+UNSET = "unset"
+SET = "set"
+SENT = "sent"
+CHUNKED = "chunked"
+UPGRADED = "upgraded"
+
+
+class ConnAdapter(Protocol):
+    """
+    What a Conn needs from the server that carries it.
+
+    The HTTP bridge implements it on top of a C{twisted.web} request and
+    L{desperados.testing} implements it in memory.
+    """
+
+    def send_resp(self, conn: Conn, body: bytes) -> None:
+        """
+        Write the status line, C{conn.resp_headers} and C{body}, then finish.
+        """
+
+
+class Conn:
+    """
+    One HTTP request and the response being built for it.
+
+    A Conn is updated in place: every helper changes this object and returns
+    it, so a plug can end with C{return conn.send_resp(404, "not found")}.
+
+    Request fields: C{method}, C{http_version}, C{scheme}, C{host}, C{port}, C{remote_ip},
+    C{path_info} (the decoded path segments), C{script_name}, C{request_path},
+    C{query_string}, C{req_headers} (lower-case names, in order, repeated
+    headers kept).  Response fields: C{status}, C{resp_headers}, C{resp_body}.
+    Pipeline fields: C{assigns} (per-request data shared between plugs),
+    C{halted}, and C{state}: C{"unset"}, C{"set"} (a response is stored but
+    not sent), C{"sent"}, C{"chunked"} or C{"upgraded"}.
+    """
+
+    __slots__ = (
+        "adapter",
+        "assigns",
+        "halted",
+        "host",
+        "http_version",
+        "method",
+        "path_info",
+        "port",
+        "private",
+        "query_string",
+        "remote_ip",
+        "req_headers",
+        "request_path",
+        "resp_body",
+        "resp_headers",
+        "scheme",
+        "script_name",
+        "state",
+        "status",
+        "upgrade_request",
+    )
+
+    def __init__(
+        self,
+        *,
+        adapter: ConnAdapter | None = None,
+        method: str = "GET",
+        http_version: str = "HTTP/1.1",
+        scheme: str = "http",
+        host: str = "localhost",
+        port: int = 80,
+        remote_ip: str = "127.0.0.1",
+        request_path: str = "/",
+        path_info: list[str] | None = None,
+        query_string: str = "",
+        req_headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        self.adapter = adapter
+        self.method = method
+        self.http_version = http_version
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.remote_ip = remote_ip
+        self.request_path = request_path
+        if path_info is None:
+            path_info = [segment for segment in request_path.split("/") if segment]
+        self.path_info = path_info
+        self.script_name: list[str] = []
+        self.query_string = query_string
+        self.req_headers = list(req_headers)
+
+        self.status: int | None = None
+        self.resp_headers: list[tuple[str, str]] = list(DEFAULT_RESP_HEADERS)
+        self.resp_body: bytes | str | None = None
+
+        self.assigns: dict[str, object] = {}
+        self.private: dict[str, object] = {}
+        self.halted = False
+        self.state = UNSET
+        self.upgrade_request: WebSocketUpgrade | None = None
+
+    def __repr__(self) -> str:
+        fields = [
+            f"  {name}={getattr(self, name)!r},"
+            for name in (
+                "method",
+                "http_version",
+                "scheme",
+                "host",
+                "port",
+                "remote_ip",
+                "script_name",
+                "path_info",
+                "request_path",
+                "query_string",
+                "req_headers",
+                "status",
+                "resp_headers",
+                "resp_body",
+                "assigns",
+                "halted",
+                "state",
+            )
+        ]
+        return "\n".join(["Conn(", *fields, ")"])
+
+    # Request
+
+    def get_req_header(self, name: str) -> list[str]:
+        """
+        Return every value of the request header C{name}, in order.
+
+        :param name: the header name, matched case-insensitively.
+        """
+        name = name.lower()
+        return [value for key, value in self.req_headers if key == name]
+
+    # Pipeline
+
+    def assign(self, key: str, value: object) -> Conn:
+        """
+        Store C{value} under C{key} in C{assigns} for later plugs.
+        """
+        self.assigns[key] = value
+        return self
+
+    def halt(self) -> Conn:
+        """
+        Stop the pipeline after the current plug.
+        """
+        self.halted = True
+        return self
+
+    # Response
+
+    def put_status(self, status: int) -> Conn:
+        """
+        Set the response status without sending anything.
+
+        :raises AlreadySentError: if the response was already sent.
+        """
+        self._check_not_sent("set the status")
+        self.status = _check_status(status)
+        return self
+
+    def put_resp_header(self, name: str, value: str) -> Conn:
+        """
+        Set the response header C{name} to C{value}, replacing earlier values.
+
+        :raises AlreadySentError: if the response was already sent.
+        :raises ValueError: if the name or value contains CR, LF or NUL, which
+            would let the value start a header of its own.
+        """
+        self._check_not_sent("set a header")
+        name = name.lower()
+        _check_header(name, value)
+        self.resp_headers = [
+            (key, existing) for key, existing in self.resp_headers if key != name
+        ]
+        self.resp_headers.append((name, value))
+        return self
+
+    def delete_resp_header(self, name: str) -> Conn:
+        """
+        Remove every value of the response header C{name}.
+
+        :raises AlreadySentError: if the response was already sent.
+        """
+        self._check_not_sent("delete a header")
+        name = name.lower()
+        self.resp_headers = [
+            (key, value) for key, value in self.resp_headers if key != name
+        ]
+        return self
+
+    def get_resp_header(self, name: str) -> list[str]:
+        """
+        Return every value of the response header C{name}, in order.
+        """
+        name = name.lower()
+        return [value for key, value in self.resp_headers if key == name]
+
+    def resp(self, status: int, body: bytes | str) -> Conn:
+        """
+        Store a response to be sent when the pipeline ends, without sending it.
+
+        :raises AlreadySentError: if the response was already sent.
+        """
+        self._check_not_sent("set the response")
+        self.status = _check_status(status)
+        self.resp_body = body
+        self.state = SET
+        return self
+
+    def send_resp(
+        self, status: int | None = None, body: bytes | str | None = None
+    ) -> Conn:
+        """
+        Send the response now, with its status line, headers and body.
+
+        With no arguments, sends the response stored by L{resp}.  The Conn is
+        not halted: call L{halt} to skip the plugs after this one.
+
+        :raises AlreadySentError: if the response was already sent.
+        :raises ValueError: if no status was set.
+        """
+        if status is not None or body is not None:
+            self.resp(
+                self.status if status is None else status,
+                b"" if body is None else body,
+            )
+        self._check_not_sent("send a response")
+        if self.status is None:
+            msg = "send_resp() needs a status, and none was set"
+            raise ValueError(msg)
+
+        body_bytes = _encode_body(self.resp_body)
+        self.state = SENT
+        if self.adapter is not None:
+            self.adapter.send_resp(self, body_bytes)
+        return self
+
+    def upgrade(self, handler: object, state: object = None, **options: object) -> Conn:
+        """
+        Ask for this connection to become a WebSocket driven by C{handler}.
+
+        The request is checked first (RFC 6455 section 4.2.1: GET over
+        HTTP/1.1, the Connection, Upgrade, Sec-WebSocket-Version and
+        Sec-WebSocket-Key headers, and the Origin against C{origins}); the
+        upgrade itself happens once the pipeline has finished.  The plug
+        should also L{halt} the Conn.
+
+        :param handler: an object providing L{desperados.IWebSock}.
+        :param state: the handler's initial state, given to its C{init}.
+        :param options: fields of L{desperados.websock.WebSocketOptions}.
+        :raises TypeError: for an unknown option.
+        :raises AlreadySentError: if a response was already sent.
+        :raises DesperadosError: with status 400, 403 or 426 when the request
+            is not a valid upgrade; the HTTP bridge answers with that status.
+        """
+        self._check_not_sent("upgrade")
+        websocket_options = WebSocketOptions(**options)  # type: ignore[arg-type]
+        check_websocket_upgrade(self, websocket_options)
+        self.upgrade_request = WebSocketUpgrade(
+            handler=handler, state=state, options=websocket_options
+        )
+        self.state = UPGRADED
+        return self
+
+    def _check_not_sent(self, action: str) -> None:
+        if self.state in (SENT, CHUNKED, UPGRADED):
+            msg = f"cannot {action}: the response is already {self.state}"
+            raise AlreadySentError(msg)
+
+
+def _check_status(status: int) -> int:
+    if not isinstance(status, int) or not 100 <= status <= 999:
+        msg = f"expected an HTTP status between 100 and 999, got {status!r}"
+        raise ValueError(msg)
+    return status
+
+
+def _check_header(name: str, value: str) -> None:
+    for part in (name, value):
+        if not isinstance(part, str):
+            msg = f"expected str header names and values, got {part!r}"
+            raise TypeError(msg)
+        if "\r" in part or "\n" in part or "\0" in part:
+            msg = f"header names and values must not contain CR, LF or NUL, got {part!r}"
+            raise ValueError(msg)
+
+
+def _encode_body(body: bytes | str | None) -> bytes:
+    if body is None:
+        return b""
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    return bytes(body)

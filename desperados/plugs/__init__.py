@@ -1,0 +1,9 @@
+"""
+Built-in plugs and the default pipeline.
+"""
+
+from desperados.plugs.default import Default
+from desperados.plugs.inspect import Inspect
+from desperados.plugs.websocket import Websocket
+
+__all__ = ["Default", "Inspect", "Websocket"]

@@ -1,0 +1,243 @@
+"""
+PlugResource: the twisted.web resource that runs a plug pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import Request
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from desperados._logging import observer as log_observer
+from desperados.builder import PlugSpec, compile_plug
+from desperados.conn import SENT, SET, UNSET, UPGRADED, Conn
+from desperados.errors import DesperadosError
+from desperados.websocket import WebSocketBridge
+
+_HTTP2 = b"HTTP/2"
+
+
+class _RequestAdapter:
+    """
+    Writes a Conn's response to the twisted.web request it came from.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+    def send_resp(self, conn: Conn, body: bytes) -> None:
+        request = self.request
+        if request.finished or request._disconnected:
+            return
+        request.setResponseCode(conn.status)
+        headers = request.responseHeaders
+        for name, value in conn.resp_headers:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        # RFC 9110 section 8.6: no Content-Length on 1xx and 204; a 304 would
+        # repeat the length of the full representation, which we do not know.
+        if conn.status >= 200 and conn.status not in (204, 304):
+            if not headers.hasHeader(b"content-length"):
+                headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        if body:
+            request.write(body)
+        request.finish()
+
+
+class PlugResource(Resource):
+    """
+    A leaf resource that runs a plug, or a pipeline of them, for every request.
+
+    Mount it anywhere in a twisted.web tree: it serves every path below the
+    point where it is mounted, and C{conn.script_name} holds the path of that
+    point.  For each request it builds a L{Conn}, runs the plug, then writes
+    the response the plug stored, hands the connection to the WebSocket
+    bridge, or answers 500 when no response was set or a plug raised.
+
+    :param plug: a plug class or instance, a function C{f(conn, opts)}, or a
+        dotted name of one of them.
+    :param opts: the options given to the plug's C{init}.
+    :param reactor: the reactor for WebSocket timers; the global one if None.
+    """
+
+    isLeaf = True
+    log = Logger(observer=log_observer)
+
+    def __init__(self, plug: PlugSpec, opts: object = None, *, reactor: Any = None):
+        super().__init__()
+        self._plug = compile_plug((plug, opts))
+        self.websockets = WebSocketBridge(reactor)
+
+    def render(self, request: Request) -> int:
+        # twisted.web's Site sets these before rendering; a plug decides the
+        # content type, and the server's name and version are nobody's concern.
+        request.defaultContentType = None
+        request.responseHeaders.removeHeader(b"server")
+
+        conn = self._conn_from(request)
+        try:
+            result = self._plug.call(conn, self._plug.state)
+        except Exception:
+            self._fail(Failure(), request, conn)
+            return NOT_DONE_YET
+
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                self._finish,
+                self._fail,
+                callbackArgs=(request,),
+                errbackArgs=(request, conn),
+            )
+        else:
+            self._finish(result, request)
+        return NOT_DONE_YET
+
+    def _conn_from(self, request: Request) -> Conn:
+        host_header = request.getHeader(b"host")
+        local = request.getHost()
+        local_port = getattr(local, "port", 0)
+        host, port = _split_host(host_header, local_port)
+        if not host:
+            host = getattr(local, "host", "") or ""
+
+        uri = request.uri
+        path, _, query = uri.partition(b"?")
+        request_path = path.decode("latin-1")
+        prepath = request.prepath or []
+        script_name = [unquote(segment.decode("latin-1")) for segment in prepath if segment]
+        path_info = [
+            unquote(segment.decode("latin-1"))
+            for segment in (request.postpath or [])
+            if segment
+        ]
+        client = request.getClientAddress()
+
+        conn = Conn(
+            adapter=_RequestAdapter(request),
+            method=request.method.decode("latin-1"),
+            http_version=_http_version(request),
+            scheme="https" if request.isSecure() else "http",
+            host=host,
+            port=port,
+            remote_ip=getattr(client, "host", None) or "",
+            request_path=request_path,
+            path_info=path_info,
+            query_string=query.decode("latin-1"),
+            req_headers=[
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ],
+        )
+        conn.script_name = script_name
+        return conn
+
+    def _finish(self, conn: Conn, request: Request) -> None:
+        if conn.state == SENT:
+            return
+        if conn.state == SET:
+            conn.send_resp()
+            return
+        if conn.state == UPGRADED and conn.upgrade_request is not None:
+            try:
+                self.websockets.hand_off(request, conn.upgrade_request)
+            except DesperadosError as error:
+                self._reject(error, request, conn)
+            return
+        if conn.state == UNSET:
+            self.log.error(
+                "no response was set or sent for {method} {path} by {plug}",
+                method=conn.method,
+                path=conn.request_path,
+                plug=self._plug.name,
+            )
+        self._send_error(request, 500, b"internal server error")
+
+    def _fail(self, failure: Failure, request: Request, conn: Conn) -> None:
+        error = failure.value
+        if isinstance(error, DesperadosError) and error.status < 500:
+            self._reject(error, request, conn)
+            return
+        self.log.failure(
+            "{plug} raised while handling {method} {path}",
+            failure,
+            plug=self._plug.name,
+            method=conn.method,
+            path=conn.request_path,
+        )
+        self._send_error(request, 500, b"internal server error")
+
+    def _reject(self, error: DesperadosError, request: Request, conn: Conn) -> None:
+        # A client error is the client's problem: log it below error level.
+        self.log.info(
+            "rejected {method} {path} from {remote_ip} with {status}: {reason}",
+            method=conn.method,
+            path=conn.request_path,
+            remote_ip=conn.remote_ip,
+            status=error.status,
+            reason=str(error),
+        )
+        self._send_error(request, error.status, str(error).encode("utf-8"), error.headers)
+
+    def _send_error(
+        self,
+        request: Request,
+        status: int,
+        body: bytes,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """
+        Answer with C{status} and a plain-text body, then close the connection.
+
+        Headers a plug already stored are dropped: they belonged to the
+        response that failed.  The connection is closed because the state of
+        the request that failed (an unread body, a half-run plug) is unknown.
+        """
+        if request.finished or request._disconnected:
+            return
+        if request.startedWriting:
+            # The status line is gone; all that is left is to cut the response.
+            request.channel.loseConnection()
+            return
+        request.setResponseCode(status)
+        response_headers = request.responseHeaders
+        for name in [name for name, _ in response_headers.getAllRawHeaders()]:
+            if name.lower() != b"date":
+                response_headers.removeHeader(name)
+        for name, value in headers:
+            response_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        response_headers.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        response_headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        if request.clientproto != _HTTP2:
+            response_headers.setRawHeaders(b"connection", [b"close"])
+            request.channel.persistent = False
+        request.write(body)
+        request.finish()
+
+
+def _http_version(request: Request) -> str:
+    version = request.clientproto
+    if version == _HTTP2:
+        return "HTTP/2"
+    return version.decode("latin-1")
+
+
+def _split_host(host_header: bytes | None, default_port: int) -> tuple[str, int]:
+    if not host_header:
+        return "", default_port
+    host = host_header.decode("latin-1")
+    if host.startswith("["):
+        address, _, rest = host[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        address, _, port_text = host.partition(":")
+    if port_text.isdigit():
+        return address, int(port_text)
+    return address, default_port

@@ -1,0 +1,101 @@
+"""
+The twistd plugin: C{twistd desperados}.
+
+Kept light on imports so that C{twistd --help} stays fast; desperados itself
+is imported only when the service is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+_LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{twistd desperados}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve HTTP and WebSocket through a plug pipeline.  By default every "
+        "path echoes WebSocket messages and answers other requests with 404."
+    )
+
+    optParameters = [
+        ["port", "p", 8082, "TCP port to listen on; 0 picks a free one.", int],
+        ["ip", None, None, "Address to bind (default: all IPv4 interfaces; :: for IPv6)."],
+        ["plug", None, "desperados.plugs.Default", "Dotted name of the plug or pipeline to run."],
+        [
+            "startup-log",
+            None,
+            "info",
+            "Log level of the startup line, or 'false' to leave it out.",
+        ],
+        ["log-level", None, "info", "Lowest level logged: " + ", ".join(_LOG_LEVELS) + "."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Twisted endpoint description to listen on, such as
+        tcp:8082:interface=127.0.0.1 or unix:/run/desperados.sock; repeatable,
+        and used instead of --port and --ip.
+        """
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        if self["log-level"] not in _LOG_LEVELS:
+            msg = f"--log-level must be one of {', '.join(_LOG_LEVELS)}, got {self['log-level']!r}"
+            raise usage.UsageError(msg)
+        startup = self["startup-log"]
+        if startup != "false" and startup not in _LOG_LEVELS:
+            msg = f"--startup-log must be 'false' or one of {', '.join(_LOG_LEVELS)}, got {startup!r}"
+            raise usage.UsageError(msg)
+
+
+@implementer(IServiceMaker, IPlugin)
+class DesperadosServiceMaker:
+    """
+    Make the desperados service from command-line options.
+    """
+
+    tapname = "desperados"
+    description = "HTTP and WebSocket server built from plug pipelines."
+    options = Options
+
+    def makeService(self, options: Options, reactor: Any = None) -> Any:
+        from twisted.logger import LogLevel
+
+        from desperados._logging import set_log_level
+        from desperados.server import DesperadosService, make_endpoint, make_site
+
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+
+        set_log_level(options["log-level"])
+        startup = options["startup-log"]
+        startup_level = None if startup == "false" else LogLevel.levelWithName(startup)
+
+        site = make_site(options["plug"], reactor=reactor)
+        if options["listen"]:
+            endpoints = [make_endpoint(reactor, listen=text) for text in options["listen"]]
+        else:
+            endpoints = [make_endpoint(reactor, port=options["port"], ip=options["ip"])]
+        return DesperadosService(
+            site, endpoints, plug_name=options["plug"], startup_log=startup_level
+        )
+
+
+service_maker = DesperadosServiceMaker()
