@@ -4,6 +4,7 @@ PlugResource: the twisted.web resource that runs a plug pipeline.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 from urllib.parse import unquote
 
@@ -14,10 +15,12 @@ from twisted.web.http import Request
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from desperados import telemetry
 from desperados._logging import observer as log_observer
 from desperados.builder import PlugSpec, compile_plug
 from desperados.conn import SENT, SET, UNSET, UPGRADED, Conn
 from desperados.errors import DesperadosError
+from desperados.upgrade import is_websocket_upgrade
 from desperados.websocket import WebSocketBridge
 
 _HTTP2 = b"HTTP/2"
@@ -82,6 +85,8 @@ class PlugResource(Resource):
         request.responseHeaders.removeHeader(b"server")
 
         conn = self._conn_from(request)
+        if telemetry.observers:
+            _observe_request(request, conn)
         try:
             result = self._plug.call(conn, self._plug.state)
         except Exception:
@@ -150,6 +155,9 @@ class PlugResource(Resource):
                 self.websockets.hand_off(request, conn.upgrade_request)
             except DesperadosError as error:
                 self._reject(error, request, conn)
+                return
+            if telemetry.observers:
+                _observe_upgrade(request, conn)
             return
         if conn.state == UNSET:
             self.log.error(
@@ -175,6 +183,12 @@ class PlugResource(Resource):
         self._send_error(request, 500, b"internal server error")
 
     def _reject(self, error: DesperadosError, request: Request, conn: Conn) -> None:
+        if telemetry.observers and (
+            conn.assigns.get("websocket") or is_websocket_upgrade(conn)
+        ):
+            telemetry.emit(
+                "websocket.upgrade.reject", status=error.status, reason=str(error)
+            )
         # A client error is the client's problem: log it below error level.
         self.log.info(
             "rejected {method} {path} from {remote_ip} with {status}: {reason}",
@@ -220,6 +234,45 @@ class PlugResource(Resource):
             request.channel.persistent = False
         request.write(body)
         request.finish()
+
+
+_STARTED = "desperados.started"
+
+
+def _observe_request(request: Request, conn: Conn) -> None:
+    """
+    Emit C{http.request.stop} once twisted.web has finished C{request}.
+
+    An upgraded request never finishes in twisted.web's eyes, so
+    L{_observe_upgrade} emits its event instead.
+    """
+    started = perf_counter()
+    conn.private[_STARTED] = started
+    method = conn.method
+
+    def finished(result: object) -> None:
+        telemetry.emit(
+            "http.request.stop",
+            method=method,
+            status=request.code if request.startedWriting else None,
+            duration=perf_counter() - started,
+        )
+
+    # notifyFinish fails when the client disconnects first; both end the request.
+    request.notifyFinish().addBoth(finished)
+
+
+def _observe_upgrade(request: Request, conn: Conn) -> None:
+    started = conn.private.get(_STARTED)
+    telemetry.emit(
+        "http.request.stop",
+        method=conn.method,
+        status=101,
+        duration=0.0 if started is None else perf_counter() - started,
+    )
+    site = getattr(request.channel, "site", None)
+    if getattr(site, "emits_connection_events", False):
+        telemetry.emit("http.connection.upgrade")
 
 
 def _http_version(request: Request) -> str:

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger, LogLevel
 from twisted.web.server import Site
 
-from desperados import __version__
+from desperados import __version__, telemetry
 from desperados._logging import observer as log_observer
 from desperados.builder import PlugSpec
 from desperados.resource import PlugResource
@@ -35,15 +35,38 @@ class DesperadosSite(Site):
     A twisted.web Site serving one L{PlugResource} on every path.
 
     twisted.web's Site writes an access-log line per request to the global
-    log unless told otherwise; this one writes none.
+    log unless told otherwise; this one writes none.  It emits the
+    C{http.connection} events of L{desperados.telemetry}.
     """
+
+    emits_connection_events = True
 
     def __init__(self, resource: PlugResource, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.plug_resource = resource
 
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if telemetry.observers and protocol is not None:
+            _observe_connection(protocol)
+        return protocol
+
     def log(self, request: Any) -> None:
         pass
+
+
+def _observe_connection(protocol: Any) -> None:
+    # The protocol is twisted.web's wrapper that picks HTTP/1.1 or HTTP/2; it
+    # sees connectionLost unless the WebSocket bridge took the transport over,
+    # and then the bridge emits http.connection.upgrade instead.
+    telemetry.emit("http.connection.open")
+    connection_lost = protocol.connectionLost
+
+    def emit_and_forward(reason: Any) -> None:
+        telemetry.emit("http.connection.close")
+        connection_lost(reason)
+
+    protocol.connectionLost = emit_and_forward
 
 
 def make_site(plug: PlugSpec = DEFAULT_PLUG, opts: object = None, *, reactor: Any = None) -> DesperadosSite:

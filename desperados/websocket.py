@@ -27,7 +27,7 @@ from twisted.python.threadable import isInIOThread
 from twisted.web.http import Request
 
 from desperados._logging import observer as log_observer
-from desperados import websock
+from desperados import telemetry, websock
 from desperados.errors import BadRequestError
 from desperados.interfaces import IWebSockControl
 from desperados.websock import (
@@ -97,11 +97,16 @@ class HandlerProtocol(WebSocketServerProtocol):
         self._opened = True
         self._state = self.upgrade.state
         self.bridge.connections.add(self)
+        if telemetry.observers:
+            telemetry.emit("websocket.open")
         self._start_idle_timer()
         self._dispatch("init", _STATE_ONLY)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self._dispatch("handle_in", (payload, "binary" if isBinary else "text"))
+        opcode = "binary" if isBinary else "text"
+        if telemetry.observers:
+            telemetry.emit("websocket.message.in", opcode=opcode, size=len(payload))
+        self._dispatch("handle_in", (payload, opcode))
 
     def onPing(self, payload: bytes) -> None:
         super().onPing(payload)
@@ -117,6 +122,8 @@ class HandlerProtocol(WebSocketServerProtocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self.handle._close()
+        if self._opened and telemetry.observers:
+            telemetry.emit("websocket.close")
         if self._opened and not self._terminated:
             self._terminate(self._ending_reason(wasClean, code, reason))
 
@@ -204,9 +211,14 @@ class HandlerProtocol(WebSocketServerProtocol):
             return
         if type(frame) is Text:
             data = frame.data
-            self.sendMessage(data.encode("utf-8") if isinstance(data, str) else data)
+            payload = data.encode("utf-8") if isinstance(data, str) else data
+            self.sendMessage(payload)
+            if telemetry.observers:
+                telemetry.emit("websocket.message.out", opcode="text", size=len(payload))
         elif type(frame) is Binary:
             self.sendMessage(frame.data, isBinary=True)
+            if telemetry.observers:
+                telemetry.emit("websocket.message.out", opcode="binary", size=len(frame.data))
         elif type(frame) is Ping:
             self.sendPing(frame.data or None)
         elif type(frame) is Pong:

@@ -4,6 +4,7 @@ Built-in plugs and the default pipeline.
 
 from desperados.plugs.default import Default
 from desperados.plugs.inspect import Inspect
+from desperados.plugs.metrics import Metrics
 from desperados.plugs.websocket import Websocket
 
-__all__ = ["Default", "Inspect", "Websocket"]
+__all__ = ["Default", "Inspect", "Metrics", "Websocket"]
