@@ -11,18 +11,22 @@ from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
     serverFromString,
 )
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger, LogLevel
 from twisted.web.server import Site
 
 from desperados import __version__, telemetry
 from desperados._logging import observer as log_observer
 from desperados.builder import PlugSpec
+from desperados.channel import build_channel
 from desperados.resource import PlugResource
+from desperados.tls import TLSServerEndpoint, certificate_options
 
 DEFAULT_PORT = 8082
 DEFAULT_PLUG = "desperados.plugs.Default"
@@ -36,10 +40,13 @@ class DesperadosSite(Site):
 
     twisted.web's Site writes an access-log line per request to the global
     log unless told otherwise; this one writes none.  It emits the
-    C{http.connection} events of L{desperados.telemetry}.
+    C{http.connection} events of L{desperados.telemetry}.  Each connection
+    starts as HTTP/1.1 and switches to HTTP/2 after TLS ALPN chose C{h2} or
+    when a cleartext client starts with the HTTP/2 connection preface.
     """
 
     emits_connection_events = True
+    protocol = build_channel
 
     def __init__(self, resource: PlugResource, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -50,6 +57,10 @@ class DesperadosSite(Site):
         if telemetry.observers and protocol is not None:
             _observe_connection(protocol)
         return protocol
+
+    def acceptableProtocols(self) -> list[bytes]:
+        # The ALPN protocols offered on TLS connections, in order of preference.
+        return [b"h2", b"http/1.1"]
 
     def log(self, request: Any) -> None:
         pass
@@ -76,26 +87,84 @@ def make_site(plug: PlugSpec = DEFAULT_PLUG, opts: object = None, *, reactor: An
     :param plug: a plug, a pipeline, or a dotted name of either.
     :param opts: the options given to the plug's C{init}.
     """
-    return DesperadosSite(PlugResource(plug, opts, reactor=reactor))
+    return DesperadosSite(PlugResource(plug, opts, reactor=reactor), reactor=reactor)
 
 
 def make_endpoint(
-    reactor: Any, *, port: int = DEFAULT_PORT, ip: str | None = None, listen: str | None = None
+    reactor: Any,
+    *,
+    port: int = DEFAULT_PORT,
+    ip: str | None = None,
+    listen: str | None = None,
+    tls: CertificateOptions | None = None,
 ) -> IStreamServerEndpoint:
     """
     Build the server endpoint for C{listen}, or else for C{port} and C{ip}.
 
     :param listen: a Twisted endpoint description such as
-        C{tcp:8082:interface=127.0.0.1} or C{unix:/run/desperados.sock}.
+        C{tcp:8082:interface=127.0.0.1}, C{unix:/run/desperados.sock} or
+        C{ssl:8443:privateKey=key.pem:certKey=cert.pem}.
     :param port: the TCP port; 0 picks a free one.
     :param ip: the address to bind; all IPv4 interfaces when None.  An IPv6
         address such as C{::} or C{::1} listens on IPv6.
+    :param tls: serve TLS with these options on top of the endpoint, such as
+        the result of L{tls_options}.
+    :raises ValueError: if C{tls} is given for an C{ssl:} description, which
+        carries its own certificate.
     """
     if listen is not None:
-        return serverFromString(reactor, listen)
-    if ip is not None and ":" in ip:
-        return TCP6ServerEndpoint(reactor, port, interface=ip)
-    return TCP4ServerEndpoint(reactor, port, interface=ip or "")
+        if tls is not None and _is_ssl_description(listen):
+            msg = f"{listen!r} already serves TLS with its own certificate; use tcp: instead"
+            raise ValueError(msg)
+        endpoint = serverFromString(reactor, listen)
+    elif ip is not None and ":" in ip:
+        endpoint = TCP6ServerEndpoint(reactor, port, interface=ip)
+    else:
+        endpoint = TCP4ServerEndpoint(reactor, port, interface=ip or "")
+    if tls is not None:
+        endpoint = TLSServerEndpoint(endpoint, tls)
+    return endpoint
+
+
+def tls_options(
+    scheme: str, certfile: str | None, keyfile: str | None
+) -> CertificateOptions | None:
+    """
+    Check the scheme options and load the certificate for C{https}.
+
+    :param scheme: C{http} or C{https}.
+    :param certfile: the PEM certificate, then its chain; C{https} only.
+    :param keyfile: the PEM private key of the certificate; C{https} only.
+    :returns: the TLS options for C{https}, None for C{http}.
+    :raises ValueError: for another scheme, for C{https} without both files,
+        for C{http} with either, or for unusable files.
+    :raises OSError: if a file cannot be read.
+    """
+    if scheme == "http":
+        if certfile is not None or keyfile is not None:
+            msg = "certfile and keyfile need scheme 'https', got scheme 'http'"
+            raise ValueError(msg)
+        return None
+    if scheme != "https":
+        msg = f"expected scheme 'http' or 'https', got {scheme!r}"
+        raise ValueError(msg)
+    if certfile is None or keyfile is None:
+        msg = "scheme 'https' needs both certfile and keyfile"
+        raise ValueError(msg)
+    return certificate_options(certfile, keyfile)
+
+
+def endpoint_scheme(endpoint: IStreamServerEndpoint) -> str:
+    """
+    Return C{https} for an endpoint that serves TLS, else C{http}.
+    """
+    if isinstance(endpoint, (TLSServerEndpoint, SSL4ServerEndpoint)):
+        return "https"
+    return "http"
+
+
+def _is_ssl_description(description: str) -> bool:
+    return description.partition(":")[0].strip().lower() == "ssl"
 
 
 def format_address(address: object) -> str:
@@ -132,34 +201,45 @@ def start_link(
     port: int = DEFAULT_PORT,
     ip: str | None = None,
     listen: str | None = None,
+    scheme: str = "http",
+    certfile: str | None = None,
+    keyfile: str | None = None,
     reactor: Any = None,
     startup_log: LogLevel | None = LogLevel.info,
 ) -> Deferred[IListeningPort]:
     """
     Start serving C{plug} and fire with the listening port.
 
-    Stop serving with the port's C{stopListening()}.
+    Stop serving with the port's C{stopListening()}.  Over TLS, ALPN offers
+    HTTP/2 (C{h2}) and HTTP/1.1; without TLS, a client may start HTTP/2 with
+    prior knowledge by sending the HTTP/2 connection preface.
 
     :param plug: a plug, a pipeline, or a dotted name of either.
     :param opts: the options given to the plug's C{init}.
     :param port: the TCP port; 0 picks a free one, read it from
         C{port.getHost().port}.
     :param ip: the address to bind; all IPv4 interfaces when None.
-    :param listen: a Twisted endpoint description, used instead of port and ip.
+    :param listen: a Twisted endpoint description, used instead of port and
+        ip; an C{ssl:} description serves TLS with its own certificate.
+    :param scheme: C{https} serves TLS with C{certfile} and C{keyfile}.
+    :param certfile: the PEM certificate, then any intermediate certificates.
+    :param keyfile: the PEM private key, unencrypted.
     :param reactor: the reactor to listen with; the global one when None.
     :param startup_log: the level of the startup log line, None for none.
+    :raises ValueError: for bad scheme, certificate or endpoint options.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    tls = tls_options(scheme, certfile, keyfile)
+    endpoint = make_endpoint(reactor, port=port, ip=ip, listen=listen, tls=tls)
     site = make_site(plug, opts, reactor=reactor)
-    endpoint = make_endpoint(reactor, port=port, ip=ip, listen=listen)
     plug_name = plug if isinstance(plug, str) else site.plug_resource._plug.name
 
     async def listen_and_log() -> IListeningPort:
         listening = await endpoint.listen(site)
-        _log_startup(startup_log, plug_name, listening, "http")
+        _log_startup(startup_log, plug_name, listening, endpoint_scheme(endpoint))
         return listening
 
     return ensureDeferred(listen_and_log())
@@ -182,13 +262,11 @@ class DesperadosService(Service):
         *,
         plug_name: str,
         startup_log: LogLevel | None = LogLevel.info,
-        scheme: str = "http",
     ) -> None:
         self.site = site
         self.endpoints = list(endpoints)
         self.plug_name = plug_name
         self.startup_log = startup_log
-        self.scheme = scheme
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[object] | None = None
 
@@ -203,7 +281,7 @@ class DesperadosService(Service):
     def _listen(self, endpoint: IStreamServerEndpoint) -> Deferred[None]:
         def listening(port: IListeningPort) -> None:
             self.ports.append(port)
-            _log_startup(self.startup_log, self.plug_name, port, self.scheme)
+            _log_startup(self.startup_log, self.plug_name, port, endpoint_scheme(endpoint))
 
         def failed(failure: Any) -> None:
             log.failure("could not listen on {endpoint}", failure, endpoint=endpoint)

@@ -12,7 +12,16 @@ from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
 from desperados import start_link
+from http2_support import TLSFiles, make_tls_files
 from support import LogCapture
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """
+    A self-signed certificate for localhost and its key, as PEM files.
+    """
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -32,12 +41,16 @@ async def serve() -> Callable:
     Start servers on 127.0.0.1 with a free port; stop them after the test.
 
     Call it as C{port = await serve(plug, opts)}; it returns the port number.
+    Keyword arguments go to C{start_link}, such as C{scheme="https"}.
     """
     ports = []
 
-    async def start(plug: object = "desperados.plugs.Default", opts: object = None) -> int:
+    async def start(
+        plug: object = "desperados.plugs.Default", opts: object = None, **options: object
+    ) -> int:
+        options.setdefault("startup_log", None)
         listening = await start_link(
-            plug, opts, port=0, ip="127.0.0.1", reactor=reactor, startup_log=None
+            plug, opts, port=0, ip="127.0.0.1", reactor=reactor, **options
         )
         ports.append(listening)
         return listening.getHost().port

@@ -33,6 +33,15 @@ class Options(usage.Options):
         ["ip", None, None, "Address to bind (default: all IPv4 interfaces; :: for IPv6)."],
         ["plug", None, "desperados.plugs.Default", "Dotted name of the plug or pipeline to run."],
         [
+            "scheme",
+            None,
+            "http",
+            "http, or https to serve TLS with --certfile and --keyfile on --port "
+            "and on every --listen endpoint (HTTP/2 through ALPN).",
+        ],
+        ["certfile", None, None, "PEM file with the server certificate, then its chain."],
+        ["keyfile", None, None, "PEM file with the unencrypted private key."],
+        [
             "startup-log",
             None,
             "info",
@@ -48,8 +57,9 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """
         Twisted endpoint description to listen on, such as
-        tcp:8082:interface=127.0.0.1 or unix:/run/desperados.sock; repeatable,
-        and used instead of --port and --ip.
+        tcp:8082:interface=127.0.0.1, unix:/run/desperados.sock or
+        ssl:8443:privateKey=key.pem:certKey=cert.pem; repeatable, and used
+        instead of --port and --ip.
         """
         self["listen"].append(description)
 
@@ -61,6 +71,37 @@ class Options(usage.Options):
         if startup != "false" and startup not in _LOG_LEVELS:
             msg = f"--startup-log must be 'false' or one of {', '.join(_LOG_LEVELS)}, got {startup!r}"
             raise usage.UsageError(msg)
+        self["tls"] = self._tls_options()
+
+    def _tls_options(self) -> Any:
+        scheme = self["scheme"]
+        if scheme not in ("http", "https"):
+            msg = f"--scheme must be http or https, got {scheme!r}"
+            raise usage.UsageError(msg)
+        if scheme == "http":
+            if self["certfile"] is not None or self["keyfile"] is not None:
+                msg = "--certfile and --keyfile need --scheme https"
+                raise usage.UsageError(msg)
+            return None
+
+        if not (self["certfile"] and self["keyfile"]):
+            msg = "--scheme https needs both --certfile and --keyfile"
+            raise usage.UsageError(msg)
+        for description in self["listen"]:
+            if description.partition(":")[0].strip().lower() == "ssl":
+                msg = (
+                    f"--listen {description} brings its own certificate; "
+                    "with --scheme https, use a tcp: description"
+                )
+                raise usage.UsageError(msg)
+
+        from desperados.tls import certificate_options
+
+        try:
+            return certificate_options(self["certfile"], self["keyfile"])
+        except (OSError, ValueError) as error:
+            msg = f"cannot load the TLS certificate: {error}"
+            raise usage.UsageError(msg) from None
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -88,11 +129,16 @@ class DesperadosServiceMaker:
         startup = options["startup-log"]
         startup_level = None if startup == "false" else LogLevel.levelWithName(startup)
 
+        tls = options["tls"]
         site = make_site(options["plug"], reactor=reactor)
         if options["listen"]:
-            endpoints = [make_endpoint(reactor, listen=text) for text in options["listen"]]
+            endpoints = [
+                make_endpoint(reactor, listen=text, tls=tls) for text in options["listen"]
+            ]
         else:
-            endpoints = [make_endpoint(reactor, port=options["port"], ip=options["ip"])]
+            endpoints = [
+                make_endpoint(reactor, port=options["port"], ip=options["ip"], tls=tls)
+            ]
         return DesperadosService(
             site, endpoints, plug_name=options["plug"], startup_log=startup_level
         )
