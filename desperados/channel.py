@@ -54,9 +54,9 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
         self._channel.dataReceived(data)
 
     def _switch_to_http2(self) -> None:
-        # The same steps as twisted.web's ALPN switch: HTTPChannel registered
-        # itself as the transport's producer and armed its idle timeout; the
-        # H2Connection needs the producer slot and runs its own timeout.
+        # These are the steps of twisted.web's own switch after ALPN. The
+        # HTTPChannel registered itself as the transport's producer and armed
+        # its idle timeout, and the H2Connection takes over both.
         http1 = self._channel
         transport = http1.transport
         network_producer = http1._networkProducer

@@ -3,7 +3,7 @@ TLS for the server: certificate options from PEM files and a TLS endpoint.
 
 ALPN is not configured here: every connection created by a
 L{twisted.web.server.Site} offers what the Site's C{acceptableProtocols()}
-returns (C{h2}, then C{http/1.1}), because Twisted's TLS layer asks the
+returns (C{h2}, then C{http/1.1}), because Twisted's TLS layer queries the
 wrapped factory through C{IProtocolNegotiationFactory}.  That holds for the
 options built here and for C{ssl:} endpoint descriptions alike.
 """
@@ -32,8 +32,8 @@ def certificate_options(certfile: str, keyfile: str) -> CertificateOptions:
     :param certfile: the server certificate first, then any intermediate
         certificates that clients need to build the chain.
     :param keyfile: the unencrypted private key of the certificate.
-    :raises ValueError: if a file holds no certificate or no usable key, or
-        if the key does not belong to the certificate.
+    :raises ValueError: if a file contains no certificate or no usable key,
+        or if the key does not belong to the certificate.
     :raises OSError: if a file cannot be read.
     """
     certificates = x509.load_pem_x509_certificates(Path(certfile).read_bytes())
