@@ -5,6 +5,7 @@ desperados: an HTTP and WebSocket server for Twisted built from plug pipelines.
 __version__ = "0.1.0"
 
 from desperados.builder import Builder  # noqa: E402
+from desperados.compression import Compression  # noqa: E402
 from desperados.conn import Conn  # noqa: E402
 from desperados.errors import DesperadosError  # noqa: E402
 from desperados.interfaces import IPlug, IWebSock, IWebSockControl  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "Binary",
     "Builder",
     "CloseReason",
+    "Compression",
     "Conn",
     "DesperadosError",
     "IPlug",

@@ -4,10 +4,18 @@ The Conn: one request and its response, the value every plug receives.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Protocol
 
+from desperados.cookies import (
+    ResponseCookie,
+    expired_cookie,
+    make_response_cookie,
+    parse_cookie_headers,
+)
 from desperados.errors import AlreadySentError
+from desperados.params import QueryParams, parse_query
 from desperados.upgrade import check_websocket_upgrade
 from desperados.websock import WebSocketOptions, WebSocketUpgrade
 
@@ -48,7 +56,11 @@ class Conn:
     Request fields: C{method}, C{http_version}, C{scheme}, C{host}, C{port}, C{remote_ip},
     C{path_info} (the decoded path segments), C{script_name}, C{request_path},
     C{query_string}, C{req_headers} (lower-case names, in order, repeated
-    headers kept).  Response fields: C{status}, C{resp_headers}, C{resp_body}.
+    headers kept), C{path_params} (filled by L{desperados.Router}), and
+    C{query_params} and C{req_cookies}, which stay None until
+    L{fetch_query_params} and L{fetch_cookies} decode them.  Response fields:
+    C{status}, C{resp_headers}, C{resp_body}, C{resp_cookies} (written as
+    Set-Cookie headers when the response is sent).
     Pipeline fields: C{assigns} (per-request data shared between plugs),
     C{halted}, and C{state}: C{"unset"}, C{"set"} (a response is stored but
     not sent), C{"sent"}, C{"chunked"} or C{"upgraded"}.
@@ -57,18 +69,23 @@ class Conn:
     __slots__ = (
         "adapter",
         "assigns",
+        "before_send",
         "halted",
         "host",
         "http_version",
         "method",
         "path_info",
+        "path_params",
         "port",
         "private",
+        "query_params",
         "query_string",
         "remote_ip",
+        "req_cookies",
         "req_headers",
         "request_path",
         "resp_body",
+        "resp_cookies",
         "resp_headers",
         "scheme",
         "script_name",
@@ -106,10 +123,15 @@ class Conn:
         self.script_name: list[str] = []
         self.query_string = query_string
         self.req_headers = list(req_headers)
+        self.query_params: QueryParams | None = None
+        self.path_params: dict[str, str | list[str]] = {}
+        self.req_cookies: dict[str, str] | None = None
 
         self.status: int | None = None
         self.resp_headers: list[tuple[str, str]] = list(DEFAULT_RESP_HEADERS)
         self.resp_body: bytes | str | None = None
+        self.resp_cookies: dict[str, ResponseCookie] = {}
+        self.before_send: list[Callable[[Conn], Conn]] = []
 
         self.assigns: dict[str, object] = {}
         self.private: dict[str, object] = {}
@@ -131,9 +153,13 @@ class Conn:
                 "path_info",
                 "request_path",
                 "query_string",
+                "query_params",
+                "path_params",
                 "req_headers",
+                "req_cookies",
                 "status",
                 "resp_headers",
+                "resp_cookies",
                 "resp_body",
                 "assigns",
                 "halted",
@@ -152,6 +178,31 @@ class Conn:
         """
         name = name.lower()
         return [value for key, value in self.req_headers if key == name]
+
+    def fetch_query_params(self, *, max_params: int = 1000) -> Conn:
+        """
+        Decode the query string into C{query_params}, once.
+
+        Repeated names are kept: C{conn.query_params["a"]} is the last value
+        and C{conn.query_params.get_all("a")} all of them.
+
+        :param max_params: the maximum number of parameters accepted.
+        :raises BadRequestError: with status 400 for a query that does not
+            decode to UTF-8 or has more than C{max_params} parameters.
+        """
+        if self.query_params is None:
+            self.query_params = parse_query(self.query_string, max_params=max_params)
+        return self
+
+    def fetch_cookies(self) -> Conn:
+        """
+        Parse the Cookie request headers into C{req_cookies}, once.
+
+        See L{desperados.cookies.parse_cookie_headers} for the rules.
+        """
+        if self.req_cookies is None:
+            self.req_cookies = parse_cookie_headers(self.get_req_header("cookie"))
+        return self
 
     # Pipeline
 
@@ -211,6 +262,104 @@ class Conn:
         ]
         return self
 
+    def put_resp_content_type(
+        self, content_type: str, charset: str | None = "utf-8"
+    ) -> Conn:
+        """
+        Set the Content-Type response header, with a charset parameter.
+
+        :param content_type: the media type, such as C{"text/html"}.
+        :param charset: the charset parameter, or None to leave it out (for
+            binary types such as C{image/png}).
+        :raises AlreadySentError: if the response was already sent.
+        """
+        value = content_type
+        if charset is not None:
+            value = f"{content_type}; charset={charset}"
+        return self.put_resp_header("content-type", value)
+
+    def put_resp_cookie(
+        self,
+        name: str,
+        value: str,
+        *,
+        path: str | None = "/",
+        domain: str | None = None,
+        max_age: int | None = None,
+        expires: datetime | None = None,
+        secure: bool = False,
+        http_only: bool = True,
+        same_site: str | None = None,
+    ) -> Conn:
+        """
+        Set a cookie in the response, replacing one set earlier with that name.
+
+        The cookie goes out as a Set-Cookie header when the response is sent.
+
+        :param max_age: seconds until the cookie expires.
+        :param expires: when the cookie expires, an aware datetime.
+        :param same_site: C{"strict"}, C{"lax"} or C{"none"}.
+        :raises AlreadySentError: if the response was already sent.
+        :raises ValueError: for a name or value that RFC 6265 does not allow.
+        """
+        self._check_not_sent("set a cookie")
+        self.resp_cookies[name] = make_response_cookie(
+            name,
+            value,
+            path=path,
+            domain=domain,
+            max_age=max_age,
+            expires=expires,
+            secure=secure,
+            http_only=http_only,
+            same_site=same_site,
+        )
+        return self
+
+    def delete_resp_cookie(
+        self,
+        name: str,
+        *,
+        path: str | None = "/",
+        domain: str | None = None,
+        secure: bool = False,
+        http_only: bool = True,
+        same_site: str | None = None,
+    ) -> Conn:
+        """
+        Tell the client to delete the cookie C{name}.
+
+        Sends the cookie with an empty value, C{Max-Age=0} and an expiry date
+        in the past.  The path and domain must match the cookie's own.
+
+        :raises AlreadySentError: if the response was already sent.
+        """
+        self._check_not_sent("delete a cookie")
+        self.resp_cookies[name] = expired_cookie(
+            name,
+            path=path,
+            domain=domain,
+            secure=secure,
+            http_only=http_only,
+            same_site=same_site,
+        )
+        return self
+
+    def register_before_send(self, callback: Callable[[Conn], Conn]) -> Conn:
+        """
+        Run C{callback(conn)} just before the response headers go out.
+
+        Callbacks run in the reverse order of registration, as in Plug, and
+        may still change the status, headers, cookies and body.  Each must
+        return the Conn.  They run once, whichever helper sends the response,
+        including when the HTTP bridge sends a response stored with L{resp}.
+
+        :raises AlreadySentError: if the response was already sent.
+        """
+        self._check_not_sent("register a before-send callback")
+        self.before_send.append(callback)
+        return self
+
     def get_resp_header(self, name: str) -> list[str]:
         """
         Return every value of the response header C{name}, in order.
@@ -252,6 +401,7 @@ class Conn:
             msg = "send_resp() needs a status, and none was set"
             raise ValueError(msg)
 
+        self.run_before_send()
         body_bytes = _encode_body(self.resp_body)
         self.state = SENT
         if self.adapter is not None:
@@ -284,6 +434,31 @@ class Conn:
         )
         self.state = UPGRADED
         return self
+
+    def run_before_send(self) -> None:
+        """
+        Run the before-send callbacks, then turn C{resp_cookies} into headers.
+
+        Every helper that sends the response headers (L{send_resp} and the
+        streaming ones) calls this once, before changing C{state}.
+
+        :raises TypeError: when a callback returns something other than this
+            Conn.
+        :raises AlreadySentError: when a callback sent the response itself.
+        """
+        callbacks, self.before_send = self.before_send, []
+        for callback in reversed(callbacks):
+            result = callback(self)
+            if result is not self:
+                msg = (
+                    f"before-send callback {callback!r} returned {result!r},"
+                    " expected the Conn"
+                )
+                raise TypeError(msg)
+        self._check_not_sent("send a response")
+
+        for cookie in self.resp_cookies.values():
+            self.resp_headers.append(("set-cookie", cookie.header_value()))
 
     def _check_not_sent(self, action: str) -> None:
         if self.state in (SENT, CHUNKED, UPGRADED):

@@ -18,8 +18,10 @@ from twisted.web.server import NOT_DONE_YET
 from desperados import telemetry
 from desperados._logging import observer as log_observer
 from desperados.builder import PlugSpec, compile_plug
+from desperados.compression import Compression, compression_option
 from desperados.conn import SENT, SET, UNSET, UPGRADED, Conn
 from desperados.errors import DesperadosError
+from desperados.response import wire_response
 from desperados.upgrade import is_websocket_upgrade
 from desperados.websocket import WebSocketBridge
 
@@ -31,24 +33,23 @@ class _RequestAdapter:
     Writes a Conn's response to the twisted.web request it came from.
     """
 
-    __slots__ = ("request",)
+    __slots__ = ("compression", "request")
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, compression: Compression | None) -> None:
         self.request = request
+        self.compression = compression
 
     def send_resp(self, conn: Conn, body: bytes) -> None:
         request = self.request
         if request.finished or request._disconnected:
             return
+        headers, body = wire_response(conn, body, self.compression)
         request.setResponseCode(conn.status)
-        headers = request.responseHeaders
-        for name, value in conn.resp_headers:
-            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
-        # RFC 9110 section 8.6: no Content-Length on 1xx and 204; a 304 would
-        # repeat the length of the full representation, which we do not know.
-        if conn.status >= 200 and conn.status not in (204, 304):
-            if not headers.hasHeader(b"content-length"):
-                headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        response_headers = request.responseHeaders
+        for name, value in headers:
+            response_headers.addRawHeader(
+                name.encode("latin-1"), value.encode("latin-1")
+            )
         if body:
             request.write(body)
         request.finish()
@@ -68,13 +69,24 @@ class PlugResource(Resource):
         dotted name of one of them.
     :param opts: the options given to the plug's C{init}.
     :param reactor: the reactor for WebSocket timers; the global one if None.
+    :param compress: compress responses with gzip or deflate when the client
+        accepts it (True, the default), never (False), or with the given
+        L{Compression} options.
     """
 
     isLeaf = True
     log = Logger(observer=log_observer)
 
-    def __init__(self, plug: PlugSpec, opts: object = None, *, reactor: Any = None):
+    def __init__(
+        self,
+        plug: PlugSpec,
+        opts: object = None,
+        *,
+        reactor: Any = None,
+        compress: bool | Compression = True,
+    ):
         super().__init__()
+        self.compression = compression_option(compress)
         self._plug = compile_plug((plug, opts))
         self.websockets = WebSocketBridge(reactor)
 
@@ -125,7 +137,7 @@ class PlugResource(Resource):
         client = request.getClientAddress()
 
         conn = Conn(
-            adapter=_RequestAdapter(request),
+            adapter=_RequestAdapter(request, self.compression),
             method=request.method.decode("latin-1"),
             http_version=_http_version(request),
             scheme="https" if request.isSecure() else "http",
@@ -148,7 +160,11 @@ class PlugResource(Resource):
         if conn.state == SENT:
             return
         if conn.state == SET:
-            conn.send_resp()
+            try:
+                conn.send_resp()
+            except Exception:
+                # A before-send callback raised.
+                self._fail(Failure(), request, conn)
             return
         if conn.state == UPGRADED and conn.upgrade_request is not None:
             try:

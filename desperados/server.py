@@ -25,6 +25,7 @@ from desperados import __version__, telemetry
 from desperados._logging import observer as log_observer
 from desperados.builder import PlugSpec
 from desperados.channel import build_channel
+from desperados.compression import Compression
 from desperados.resource import PlugResource
 from desperados.tls import TLSServerEndpoint, certificate_options
 
@@ -80,14 +81,23 @@ def _observe_connection(protocol: Any) -> None:
     protocol.connectionLost = emit_and_forward
 
 
-def make_site(plug: PlugSpec = DEFAULT_PLUG, opts: object = None, *, reactor: Any = None) -> DesperadosSite:
+def make_site(
+    plug: PlugSpec = DEFAULT_PLUG,
+    opts: object = None,
+    *,
+    reactor: Any = None,
+    compress: bool | Compression = True,
+) -> DesperadosSite:
     """
     Build the Site that runs C{plug} for every request.
 
     :param plug: a plug, a pipeline, or a dotted name of either.
     :param opts: the options given to the plug's C{init}.
+    :param compress: response compression, see L{PlugResource}.
     """
-    return DesperadosSite(PlugResource(plug, opts, reactor=reactor), reactor=reactor)
+    return DesperadosSite(
+        PlugResource(plug, opts, reactor=reactor, compress=compress), reactor=reactor
+    )
 
 
 def make_endpoint(
@@ -206,6 +216,7 @@ def start_link(
     keyfile: str | None = None,
     reactor: Any = None,
     startup_log: LogLevel | None = LogLevel.info,
+    compress: bool | Compression = True,
 ) -> Deferred[IListeningPort]:
     """
     Start serving C{plug} and fire with the listening port.
@@ -226,6 +237,8 @@ def start_link(
     :param keyfile: the PEM private key, unencrypted.
     :param reactor: the reactor to listen with; the global one when None.
     :param startup_log: the level of the startup log line, None for none.
+    :param compress: compress responses with gzip or deflate when the client
+        accepts it (True), never (False), or with the given L{Compression}.
     :raises ValueError: for bad scheme, certificate or endpoint options.
     """
     if reactor is None:
@@ -234,7 +247,7 @@ def start_link(
         reactor = global_reactor
     tls = tls_options(scheme, certfile, keyfile)
     endpoint = make_endpoint(reactor, port=port, ip=ip, listen=listen, tls=tls)
-    site = make_site(plug, opts, reactor=reactor)
+    site = make_site(plug, opts, reactor=reactor, compress=compress)
     plug_name = plug if isinstance(plug, str) else site.plug_resource._plug.name
 
     async def listen_and_log() -> IListeningPort:

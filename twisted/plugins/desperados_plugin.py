@@ -28,6 +28,10 @@ class Options(usage.Options):
         "path echoes WebSocket messages and answers other requests with 404."
     )
 
+    optFlags = [
+        ["no-compress", None, "Never compress responses (gzip and deflate are on)."],
+    ]
+
     optParameters = [
         ["port", "p", 8082, "TCP port to listen on; 0 picks a free one.", int],
         ["ip", None, None, "Address to bind (default: all IPv4 interfaces; :: for IPv6)."],
@@ -130,7 +134,9 @@ class DesperadosServiceMaker:
         startup_level = None if startup == "false" else LogLevel.levelWithName(startup)
 
         tls = options["tls"]
-        site = make_site(options["plug"], reactor=reactor)
+        site = make_site(
+            options["plug"], reactor=reactor, compress=not options["no-compress"]
+        )
         if options["listen"]:
             endpoints = [
                 make_endpoint(reactor, listen=text, tls=tls) for text in options["listen"]

@@ -1,0 +1,211 @@
+"""
+Testing plugs without a socket: build a Conn, run a plug, inspect the response.
+
+In the spirit of Plug.Test::
+
+    from desperados import testing
+
+    conn = testing.call_sync(App, testing.conn("GET", "/users/7?tab=posts"))
+    assert conn.status == 200
+    assert testing.sent(conn).body == b"user 7"
+
+L{call} returns a Deferred for plugs that wait; L{call_sync} is for plugs
+that answer at once.  The response goes through the same code as over the
+network (before-send callbacks, cookies, compression, Content-Length, HEAD
+and 204/304 rules), so L{sent} shows what a client would receive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+
+from desperados.builder import Builder, PlugSpec, compile_plug
+from desperados.compression import Compression, compression_option
+from desperados.conn import SET, UPGRADED, Conn
+from desperados.response import wire_response
+
+__all__ = [
+    "MemoryAdapter",
+    "SentResponse",
+    "call",
+    "call_sync",
+    "conn",
+    "sent",
+    "upgraded",
+]
+
+
+@dataclass
+class SentResponse:
+    """
+    A response as it would go on the wire.
+
+    :ivar headers: C{(name, value)} pairs with lower-case names, in order.
+    :ivar body: the body bytes, compressed if compression applied.
+    """
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """
+        Return the first value of the header C{name}, or None.
+        """
+        values = self.headers_named(name)
+        return values[0] if values else None
+
+    def headers_named(self, name: str) -> list[str]:
+        """
+        Return every value of the header C{name}, in order.
+        """
+        name = name.lower()
+        return [value for key, value in self.headers if key == name]
+
+
+@dataclass
+class MemoryAdapter:
+    """
+    A L{desperados.conn.ConnAdapter} that keeps the response in memory.
+
+    :ivar request_body: the request body given to L{conn}.
+    :ivar compression: the compression options, None when off.
+    :ivar responses: every response sent, in order; a Conn sends at most one.
+    """
+
+    request_body: bytes = b""
+    compression: Compression | None = None
+    responses: list[SentResponse] = field(default_factory=list)
+
+    def send_resp(self, conn: Conn, body: bytes) -> None:
+        headers, body = wire_response(conn, body, self.compression)
+        assert conn.status is not None
+        self.responses.append(SentResponse(conn.status, headers, body))
+
+
+def conn(
+    method: str = "GET",
+    path: str = "/",
+    body: bytes | str = b"",
+    *,
+    headers: list[tuple[str, str]] | dict[str, str] = (),  # type: ignore[assignment]
+    scheme: str = "http",
+    host: str = "www.example.com",
+    port: int | None = None,
+    remote_ip: str = "127.0.0.1",
+    http_version: str = "HTTP/1.1",
+    compress: bool | Compression = True,
+) -> Conn:
+    """
+    Build a Conn for a request, as the HTTP bridge would.
+
+    :param path: the request target, with its query string if any, such as
+        C{"/users/7?tab=posts"}.
+    :param body: the request body; a str is encoded as UTF-8.
+    :param headers: request headers, as pairs or a mapping; names are
+        lower-cased, and a Host header is added unless given.
+    :param port: the server port; 80 for http and 443 for https when None.
+    :param compress: response compression, as the server's C{compress} option.
+    """
+    request_path, _, query_string = path.partition("?")
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    req_headers = [(name.lower(), value) for name, value in pairs]
+    if not any(name == "host" for name, _ in req_headers):
+        req_headers.insert(0, ("host", host))
+    if port is None:
+        port = 443 if scheme == "https" else 80
+
+    adapter = MemoryAdapter(
+        request_body=body.encode("utf-8") if isinstance(body, str) else bytes(body),
+        compression=compression_option(compress),
+    )
+    return Conn(
+        adapter=adapter,
+        method=method.upper(),
+        http_version=http_version,
+        scheme=scheme,
+        host=host,
+        port=port,
+        remote_ip=remote_ip,
+        request_path=request_path,
+        path_info=[unquote(segment) for segment in request_path.split("/") if segment],
+        query_string=query_string,
+        req_headers=req_headers,
+    )
+
+
+def call(plug: PlugSpec, conn: Conn, opts: object = None) -> Deferred[Conn]:
+    """
+    Initialize C{plug} with C{opts}, run it on C{conn}, and send a stored response.
+
+    As in the HTTP bridge, a response stored with C{conn.resp} is sent once
+    the plug returns.  Unlike the bridge, an exception is not turned into a
+    500: the Deferred fails with it, so the test sees it.
+
+    :param plug: anything a L{desperados.Builder} accepts as an entry.
+    :returns: a Deferred that fires with the Conn.
+    """
+    try:
+        pipeline = compile_plug(Builder([(plug, opts)]))
+        result = pipeline.call(conn, pipeline.state)
+    except Exception:
+        return fail()
+
+    if not isinstance(result, Deferred):
+        result = succeed(result)
+    return result.addCallback(_send_stored)
+
+
+def _send_stored(conn: Conn) -> Conn:
+    if conn.state == SET:
+        conn.send_resp()
+    return conn
+
+
+def call_sync(plug: PlugSpec, conn: Conn, opts: object = None) -> Conn:
+    """
+    Run C{plug} like L{call} and return the Conn at once.
+
+    :raises RuntimeError: when the plug is still waiting on a Deferred or a
+        coroutine; use L{call} and wait for its result instead.
+    :raises Exception: whatever the plug raised.
+    """
+    outcome: list[Conn | Failure] = []
+    call(plug, conn, opts).addBoth(outcome.append)
+    if not outcome:
+        msg = "the plug is still waiting on a Deferred; use testing.call() and await it"
+        raise RuntimeError(msg)
+    result = outcome[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result  # type: ignore[return-value]
+
+
+def sent(conn: Conn) -> SentResponse:
+    """
+    Return the response sent for C{conn}, as a client would receive it.
+
+    :raises ValueError: if no response was sent, or C{conn} was not built
+        by L{conn}.
+    """
+    adapter = conn.adapter
+    if not isinstance(adapter, MemoryAdapter):
+        msg = (
+            f"expected a Conn built by desperados.testing.conn, got adapter {adapter!r}"
+        )
+        raise ValueError(msg)
+    if not adapter.responses:
+        msg = f"no response was sent; the Conn is {conn.state!r}"
+        raise ValueError(msg)
+    return adapter.responses[-1]
+
+
+def upgraded(conn: Conn) -> bool:
+    """
+    Say whether a plug asked for C{conn} to become a WebSocket.
+    """
+    return conn.state == UPGRADED and conn.upgrade_request is not None
