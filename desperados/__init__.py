@@ -10,6 +10,7 @@ from desperados.conn import Conn  # noqa: E402
 from desperados.errors import DesperadosError  # noqa: E402
 from desperados.interfaces import IPlug, IWebSock, IWebSockControl  # noqa: E402
 from desperados.resource import PlugResource  # noqa: E402
+from desperados.router import Router  # noqa: E402
 from desperados.server import start_link  # noqa: E402
 from desperados.websock import (  # noqa: E402
     Binary,
@@ -39,6 +40,7 @@ __all__ = [
     "PlugResource",
     "Pong",
     "Push",
+    "Router",
     "Stop",
     "Text",
     "WebSocketHandle",
