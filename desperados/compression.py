@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 Headers = list[tuple[str, str]]
 
-# zlib's wbits: 16 + 15 asks for a gzip wrapper (RFC 1952); 15 alone gives
+# zlib's wbits: 16 + 15 selects a gzip wrapper (RFC 1952); 15 alone gives
 # the zlib wrapper (RFC 1950) that HTTP's "deflate" coding means
 # (RFC 9110 section 8.4.1.2), not a raw deflate stream.
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -50,8 +50,9 @@ class Compression:
     """
     Options of response compression.
 
-    :ivar min_size: bodies shorter than this many bytes are sent as they are,
-        since gzip's 18-byte wrapper and the CPU time cost more than they save.
+    :ivar min_size: bodies shorter than this many bytes are sent as they are.
+        The default is an estimate: below about a kilobyte, gzip's 18-byte
+        wrapper and the CPU time cost about as much as they save.
     :ivar level: the zlib level, 1 (fastest) to 9 (smallest).
     """
 
