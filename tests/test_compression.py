@@ -293,23 +293,10 @@ async def test_default_404_stays_uncompressed(serve):
 
 
 @pytest_twisted.ensureDeferred
-async def test_compress_false_over_socket():
-    from twisted.internet import reactor
+async def test_compress_false_over_socket(serve):
+    port = await serve(_big_text, compress=False)
 
-    from desperados import start_link
-
-    listening = await start_link(
-        _big_text,
-        port=0,
-        ip="127.0.0.1",
-        reactor=reactor,
-        startup_log=None,
-        compress=False,
-    )
-    try:
-        response = await _get(listening.getHost().port, "gzip")
-    finally:
-        await listening.stopListening()
+    response = await _get(port, "gzip")
 
     assert response.header("content-encoding") is None
     assert response.header("vary") is None
