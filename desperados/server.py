@@ -311,4 +311,7 @@ class DesperadosService(Service):
         stopping = [port.stopListening() for port in ports]
         for port in ports:
             log.info("stopped listening at {address}", address=format_address(port.getHost()))
+        # Close open WebSockets with 1001; twistd waits for this Deferred
+        # before it stops the reactor, so the Close frames go out.
+        stopping.append(self.site.plug_resource.websockets.shutdown())
         return DeferredList([d for d in stopping if d is not None])

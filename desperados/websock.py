@@ -20,6 +20,25 @@ POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 
+# Codes an endpoint may put in a Close frame: RFC 6455 section 7.4.1 and the
+# IANA registry (1012-1014), plus 3000-4999 for libraries and applications.
+# 1004, 1005, 1006 and 1015 must never be sent.
+_SENDABLE_CLOSE_CODES = frozenset(
+    (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
+)
+
+# A Close frame's payload is a control frame payload (at most 125 bytes)
+# holding the 2-byte code, which leaves 123 bytes for the reason.
+MAX_CLOSE_REASON_BYTES = 123
+MAX_CONTROL_PAYLOAD = 125
+
+
+def is_sendable_close_code(code: int) -> bool:
+    """
+    Tell whether C{code} may be sent in a Close frame.
+    """
+    return code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999
+
 
 @dataclass(frozen=True, slots=True)
 class Text:
@@ -47,6 +66,9 @@ class Ping:
 
     data: bytes = b""
 
+    def __post_init__(self) -> None:
+        _check_control_payload(self)
+
 
 @dataclass(frozen=True, slots=True)
 class Pong:
@@ -55,6 +77,18 @@ class Pong:
     """
 
     data: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_control_payload(self)
+
+
+def _check_control_payload(frame: Ping | Pong) -> None:
+    if len(frame.data) > MAX_CONTROL_PAYLOAD:
+        msg = (
+            f"expected a {type(frame).__name__} payload of at most "
+            f"{MAX_CONTROL_PAYLOAD} bytes, got {len(frame.data)} bytes"
+        )
+        raise ValueError(msg)
 
 
 Frame = Text | Binary | Ping | Pong
@@ -86,11 +120,29 @@ class Stop:
 
     The handler's C{terminate} is called with a L{CloseReason} of kind
     C{"local"} once the connection is closed.
+
+    :raises ValueError: for a code that may not be sent in a Close frame
+        (1000-1003, 1007-1014 and 3000-4999 may), or a reason longer than
+        123 bytes in UTF-8.
     """
 
     state: object
     code: int = NORMAL
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, int) or not is_sendable_close_code(self.code):
+            msg = (
+                "expected a close code of 1000-1003, 1007-1014 or 3000-4999, "
+                f"got {self.code!r}"
+            )
+            raise ValueError(msg)
+        if len(self.reason.encode("utf-8")) > MAX_CLOSE_REASON_BYTES:
+            msg = (
+                f"expected a close reason of at most {MAX_CLOSE_REASON_BYTES} "
+                f"bytes in UTF-8, got {self.reason!r}"
+            )
+            raise ValueError(msg)
 
 
 Result = Ok | Push | Stop
@@ -102,10 +154,11 @@ class CloseReason:
     Why a connection ended, given to the handler's C{terminate}.
 
     :ivar kind: C{"local"} (the handler returned L{Stop}), C{"remote"} (the
-        peer sent a Close frame), C{"timeout"} (idle timeout), C{"shutdown"}
-        (the server is stopping), C{"protocol"} (the peer broke the protocol
-        and was sent a Close frame with C{code}) or C{"error"} (a callback
-        raised, or the transport was lost without a closing handshake).
+        peer sent a Close frame), C{"timeout"} (the idle timeout, or no pong
+        to a server ping in time), C{"shutdown"} (the server is stopping),
+        C{"protocol"} (the peer broke the protocol and was sent a Close frame
+        with C{code}), C{"error"} (a callback raised, and 1011 was sent) or
+        C{"lost"} (the transport closed without a closing handshake).
     :ivar code: the close code sent or received, when there was one.
     :ivar reason: the close reason text, or a description of the error.
     """
@@ -131,8 +184,12 @@ class WebSocketOptions:
     :ivar max_message_size: the largest message accepted, in bytes, counted
         after decompression; larger messages close the connection with 1009.
     :ivar validate_utf8: close with 1007 when a text message is not UTF-8.
-    :ivar origins: the C{Origin} values allowed to connect, or C{None} for any.
-        Others are answered with 403 before the upgrade.
+    :ivar origins: the C{Origin} values allowed to connect, such as
+        C{"https://example.com"}, compared case-insensitively; C{None}
+        allows any.  A request with another Origin is answered with 403
+        before the upgrade.  A request without Origin is allowed, because
+        only browsers send it and the check exists to stop other sites'
+        pages from opening connections with the user's cookies.
     :ivar subprotocols: the subprotocols this handler speaks, in order of
         preference; the first one that the client also offers is selected.
     :ivar open_handshake_timeout: seconds allowed for the opening handshake.
@@ -157,12 +214,31 @@ class WebSocketOptions:
     def __post_init__(self) -> None:
         for name in ("max_frame_size", "max_message_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 msg = f"expected a positive int for {name}, got {value!r}"
                 raise ValueError(msg)
+        for name in ("timeout", "ping_interval", "ping_timeout"):
+            _check_seconds(name, getattr(self, name), optional=True)
+        for name in ("open_handshake_timeout", "close_handshake_timeout"):
+            _check_seconds(name, getattr(self, name), optional=False)
+        if isinstance(self.origins, str) or isinstance(self.subprotocols, str):
+            msg = (
+                "expected a list of strings for origins and subprotocols, got a string"
+            )
+            raise TypeError(msg)
         if self.origins is not None:
-            object.__setattr__(self, "origins", tuple(self.origins))
+            origins = tuple(origin.rstrip("/").lower() for origin in self.origins)
+            object.__setattr__(self, "origins", origins)
         object.__setattr__(self, "subprotocols", tuple(self.subprotocols))
+
+
+def _check_seconds(name: str, value: object, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        expected = "positive seconds or None" if optional else "positive seconds"
+        msg = f"expected {expected} for {name}, got {value!r}"
+        raise ValueError(msg)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,20 +19,20 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from twisted.python.threadable import isInIOThread
 from twisted.web.http import Request
 
-from desperados._logging import observer as log_observer
 from desperados import telemetry, websock
+from desperados._logging import observer as log_observer
 from desperados.errors import BadRequestError
 from desperados.interfaces import IWebSockControl
 from desperados.websock import (
     Binary,
     CloseReason,
+    Frame,
     Ok,
     Ping,
     Pong,
@@ -44,13 +44,17 @@ from desperados.websock import (
     WebSocketUpgrade,
 )
 
-# Characters that str.splitlines() treats as line breaks on top of CR and LF.
-# Autobahn parses the replayed handshake with splitlines(), while twisted.web
-# splits header lines on CRLF only, so a header value holding one of these
-# would be read as two headers by Autobahn.
-_LINE_BREAKS_FOR_STR = frozenset("\x0b\x0c\x1c\x1d\x1e\x85")
-
-_RESULT_TYPES = (Ok, Push, Stop)
+# Header value characters that are rejected before the request head is
+# replayed to Autobahn: the control characters (RFC 9110 section 5.5 allows
+# none but HTAB) and NEL.  twisted.web splits header lines on CRLF only, while
+# Autobahn releases before 26.x split the replayed head with str.splitlines(),
+# which also breaks lines at VT, FF, FS, GS, RS and NEL, so one header could
+# become two.  Current Autobahn rejects control characters itself but takes
+# NEL as obs-text; checking here answers every such request with one 400 of
+# ours, whatever the Autobahn version.
+_INVALID_IN_HEADER_VALUE = frozenset(
+    [chr(code) for code in range(0x20) if code != 0x09] + ["\x7f", "\x85"]
+)
 
 # Marks a callback that takes only the state (init), since a handle_info
 # message may itself be None.
@@ -62,7 +66,7 @@ class HandlerProtocol(WebSocketServerProtocol):
     One WebSocket connection, running the callbacks of an L{IWebSock} handler.
 
     Callbacks run one at a time: while a callback's Deferred or coroutine is
-    pending, later events wait in a queue.
+    pending, later events wait in a queue and the transport stops reading.
     """
 
     _log = Logger(observer=log_observer)
@@ -76,8 +80,10 @@ class HandlerProtocol(WebSocketServerProtocol):
         self._opened = False
         self._terminated = False
         self._pending = False
+        self._reading_paused = False
         self._queue: deque[tuple[str, object]] = deque()
         self._close_reason: CloseReason | None = None
+        self._close_frame_received = False
         self._idle_call: Any = None
         self._last_received = 0.0
         self.handle = WebSocketHandle(self._deliver_info)
@@ -91,6 +97,8 @@ class HandlerProtocol(WebSocketServerProtocol):
         self._dataReceived(data)
 
     def onConnect(self, request: Any) -> tuple[str | None, dict[str, str]]:
+        # Autobahn sends the Sec-WebSocket-Protocol header for the returned
+        # subprotocol, or none when it is None (RFC 6455 section 4.2.2).
         return _select_subprotocol(request.protocols, self.upgrade.options), {}
 
     def onOpen(self) -> None:
@@ -110,22 +118,34 @@ class HandlerProtocol(WebSocketServerProtocol):
 
     def onPing(self, payload: bytes) -> None:
         super().onPing(payload)
-        if IWebSockControl.providedBy(self.upgrade.handler):
+        if _has_handle_control(self.upgrade.handler):
             self._dispatch("handle_control", (payload, "ping"))
 
     def onPong(self, payload: bytes) -> None:
-        if IWebSockControl.providedBy(self.upgrade.handler):
+        if _has_handle_control(self.upgrade.handler):
             self._dispatch("handle_control", (payload, "pong"))
 
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        self._close_frame_received = True
+        return super().onCloseFrame(code, reasonRaw)
+
+    def onAutoPingTimeout(self) -> None:
+        if self._close_reason is None:
+            self._close_reason = CloseReason(
+                "timeout", None, "no pong to a ping in time"
+            )
+        super().onAutoPingTimeout()
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.bridge.connections.discard(self)
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self.handle._close()
         if self._opened and telemetry.observers:
             telemetry.emit("websocket.close")
         if self._opened and not self._terminated:
-            self._terminate(self._ending_reason(wasClean, code, reason))
+            self._terminate(self._ending_reason())
+        if self._opened:
+            self.bridge._connection_ended(self)
 
     # Server-side actions
 
@@ -140,6 +160,8 @@ class HandlerProtocol(WebSocketServerProtocol):
     def _dispatch(self, callback: str, argument: object) -> None:
         if self._terminated or self._close_reason is not None:
             return
+        if self.state != self.STATE_OPEN:
+            return
         if self._pending:
             self._queue.append((callback, argument))
             return
@@ -153,86 +175,110 @@ class HandlerProtocol(WebSocketServerProtocol):
                 result = getattr(handler, callback)(self._state)
             else:
                 result = getattr(handler, callback)(argument, self._state)
+            # Twisted runs a coroutine in a copy of the context current when
+            # ensureDeferred() is called, so call it while the handle is set
+            # and current_handle() works inside the coroutine too.
+            if inspect.iscoroutine(result):
+                result = ensureDeferred(result)
+            elif not isinstance(result, Deferred) and inspect.isawaitable(result):
+                result = ensureDeferred(_await(result))
         except Exception:
             self._callback_failed(Failure(), callback)
             return
         finally:
             websock._current_handle.reset(token)
 
-        if isinstance(result, _RESULT_TYPES):
-            self._apply(result, callback)
-        elif isinstance(result, Deferred) or inspect.isawaitable(result):
+        if isinstance(result, Deferred):
             self._wait_for(result, callback)
         else:
             self._apply(result, callback)
 
-    def _wait_for(self, pending: Any, callback: str) -> None:
+    def _wait_for(self, pending: Deferred[object], callback: str) -> None:
+        # Stop reading until the result is known: events that arrive
+        # meanwhile wait in the queue, and a peer that keeps sending must
+        # not make it grow without bound.
         self._pending = True
-        if not isinstance(pending, Deferred):
-            pending = ensureDeferred(pending)
+        self._pause_reading()
+        pending.addCallbacks(
+            self._resolved,
+            self._rejected,
+            callbackArgs=(callback,),
+            errbackArgs=(callback,),
+        )
 
-        def resolved(result: object) -> None:
-            self._pending = False
-            self._apply(result, callback)
-            self._drain_queue()
-
-        def failed(failure: Failure) -> None:
-            self._pending = False
-            self._callback_failed(failure, callback)
-
-        pending.addCallbacks(resolved, failed)
-
-    def _drain_queue(self) -> None:
+    def _resolved(self, result: object, callback: str) -> None:
+        self._pending = False
+        self._resume_reading()
+        self._apply(result, callback)
         while self._queue and not self._pending:
-            callback, argument = self._queue.popleft()
-            self._dispatch(callback, argument)
+            next_callback, argument = self._queue.popleft()
+            self._dispatch(next_callback, argument)
+
+    def _rejected(self, failure: Failure, callback: str) -> None:
+        self._pending = False
+        self._resume_reading()
+        self._callback_failed(failure, callback)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
 
     def _apply(self, result: object, callback: str) -> None:
         if self._terminated:
             return
-        if type(result) is Push:
-            self._state = result.state
-            for frame in websock.frames_of(result):
-                self._send_frame(frame)
-        elif type(result) is Ok:
-            self._state = result.state
-        elif type(result) is Stop:
-            self._state = result.state
-            self._close(CloseReason("local", result.code, result.reason))
-        else:
-            msg = (
-                f"{callback}() of {self.upgrade.handler!r} returned {result!r}, "
-                "expected Ok, Push or Stop"
-            )
-            self._callback_failed(Failure(TypeError(msg)), callback)
+        try:
+            if isinstance(result, Push):
+                frames = _checked_frames(result)
+                self._state = result.state
+                for frame in frames:
+                    self._send_frame(frame)
+            elif isinstance(result, Ok):
+                self._state = result.state
+            elif isinstance(result, Stop):
+                self._state = result.state
+                self._close(CloseReason("local", result.code, result.reason))
+            else:
+                msg = (
+                    f"{callback}() of {self.upgrade.handler!r} returned {result!r}, "
+                    "expected Ok, Push or Stop"
+                )
+                raise TypeError(msg)
+        except Exception:
+            self._callback_failed(Failure(), callback)
 
-    def _send_frame(self, frame: object) -> None:
+    def _send_frame(self, frame: Frame) -> None:
         if self.state != self.STATE_OPEN:
             return
-        if type(frame) is Text:
+        if isinstance(frame, Text):
             data = frame.data
             payload = data.encode("utf-8") if isinstance(data, str) else data
             self.sendMessage(payload)
             if telemetry.observers:
-                telemetry.emit("websocket.message.out", opcode="text", size=len(payload))
-        elif type(frame) is Binary:
+                telemetry.emit(
+                    "websocket.message.out", opcode="text", size=len(payload)
+                )
+        elif isinstance(frame, Binary):
             self.sendMessage(frame.data, isBinary=True)
             if telemetry.observers:
-                telemetry.emit("websocket.message.out", opcode="binary", size=len(frame.data))
-        elif type(frame) is Ping:
+                telemetry.emit(
+                    "websocket.message.out", opcode="binary", size=len(frame.data)
+                )
+        elif isinstance(frame, Ping):
             self.sendPing(frame.data or None)
-        elif type(frame) is Pong:
-            self.sendPong(frame.data or None)
         else:
-            msg = f"expected a Text, Binary, Ping or Pong frame, got {frame!r}"
-            raise TypeError(msg)
+            self.sendPong(frame.data or None)
 
     def _deliver_info(self, message: object) -> None:
-        reactor = self.bridge.reactor
-        if isInIOThread():
-            reactor.callLater(0, self._dispatch, "handle_info", message)
-        else:
-            reactor.callFromThread(self._dispatch, "handle_info", message)
+        # callFromThread is safe from any thread, the reactor's included, and
+        # keeps the messages of one sender in order (callLater(0) would not:
+        # calls due at the same time may run in any order).
+        self.bridge.reactor.callFromThread(self._dispatch, "handle_info", message)
 
     # Endings
 
@@ -247,23 +293,37 @@ class HandlerProtocol(WebSocketServerProtocol):
         self._close(CloseReason("error", websock.INTERNAL_ERROR, "internal error"))
 
     def _close(self, reason: CloseReason) -> None:
-        if self._close_reason is not None:
+        # Only the first ending counts, and only while the connection is
+        # open: once the peer's Close frame came, that is what ended it.
+        if self._close_reason is not None or self.state != self.STATE_OPEN:
             return
         self._close_reason = reason
         self._queue.clear()
-        if self.state == self.STATE_OPEN:
-            self.sendClose(reason.code, reason.reason or None)
+        # The peer's Close frame must be read to finish the handshake.
+        self._resume_reading()
+        self._send_close(reason.code, reason.reason)
 
-    def _ending_reason(self, was_clean: bool, code: int | None, reason: str | None) -> CloseReason:
+    def _send_close(self, code: int | None, reason: str) -> None:
+        # Autobahn's sendClose() accepts only 1000 and 3000-4999, the codes
+        # an application picks, but a server also sends 1001 (going away)
+        # and 1011 (internal error), RFC 6455 section 7.4.1.  sendCloseFrame()
+        # is what Autobahn itself uses for 1002, 1007 and 1009.
+        reason_bytes = reason.encode("utf-8")[: websock.MAX_CLOSE_REASON_BYTES]
+        self.sendCloseFrame(code=code, reasonUtf8=reason_bytes or None, isReply=False)
+
+    def _ending_reason(self) -> CloseReason:
         if self._close_reason is not None:
             return self._close_reason
-        if self.closedByMe and self.localCloseCode is not None:
+        if self.failedByMe and self.localCloseCode is not None:
             # Autobahn closed because the peer broke the protocol (1002),
-            # sent invalid UTF-8 (1007) or too large a message (1009).
-            return CloseReason("protocol", self.localCloseCode, self.localCloseReason or "")
-        if self.remoteCloseCode is not None:
-            return CloseReason("remote", self.remoteCloseCode, self.remoteCloseReason or "")
-        return CloseReason("error", code, reason or "connection lost")
+            # sent invalid UTF-8 (1007) or too large a frame or message (1009).
+            local_reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+            return CloseReason("protocol", self.localCloseCode, local_reason)
+        if self._close_frame_received:
+            return CloseReason(
+                "remote", self.remoteCloseCode, self.remoteCloseReason or ""
+            )
+        return CloseReason("lost", None, self.wasNotCleanReason or "connection lost")
 
     def _terminate(self, reason: CloseReason) -> None:
         self._terminated = True
@@ -295,7 +355,9 @@ class HandlerProtocol(WebSocketServerProtocol):
         assert timeout is not None
         idle = self.bridge.reactor.seconds() - self._last_received
         if idle < timeout:
-            self._idle_call = self.bridge.reactor.callLater(timeout - idle, self._check_idle)
+            self._idle_call = self.bridge.reactor.callLater(
+                timeout - idle, self._check_idle
+            )
             return
         self._idle_call = None
         self._close(CloseReason("timeout", websock.GOING_AWAY, "idle timeout"))
@@ -309,6 +371,7 @@ class WebSocketBridge:
     """
 
     _log = Logger(observer=log_observer)
+    _ended_waiters: list[Deferred[None]]
 
     def __init__(self, reactor: Any = None) -> None:
         if reactor is None:
@@ -318,6 +381,32 @@ class WebSocketBridge:
         self.reactor = reactor
         self.connections: set[HandlerProtocol] = set()
         self._factories: dict[WebSocketOptions, WebSocketServerFactory] = {}
+        self._ended_waiters = []
+
+    def shutdown(self) -> Deferred[None]:
+        """
+        Close every open connection with 1001 (going away).
+
+        Each handler's C{terminate} gets a L{CloseReason} of kind
+        C{"shutdown"}.  A peer that does not answer the Close frame is
+        dropped after the connection's C{close_handshake_timeout}.
+
+        :returns: a Deferred that fires once every connection has ended.
+        """
+        if not self.connections:
+            return succeed(None)
+        ended: Deferred[None] = Deferred()
+        self._ended_waiters.append(ended)
+        for protocol in list(self.connections):
+            protocol.shutdown()
+        return ended
+
+    def _connection_ended(self, protocol: HandlerProtocol) -> None:
+        self.connections.discard(protocol)
+        if not self.connections and self._ended_waiters:
+            waiters, self._ended_waiters = self._ended_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def hand_off(self, request: Request, upgrade: WebSocketUpgrade) -> None:
         """
@@ -403,6 +492,26 @@ def _make_factory(options: WebSocketOptions) -> WebSocketServerFactory:
     return factory
 
 
+def _has_handle_control(handler: object) -> bool:
+    return IWebSockControl.providedBy(handler) or callable(
+        getattr(handler, "handle_control", None)
+    )
+
+
+def _checked_frames(result: Push) -> tuple[Frame, ...]:
+    # Check every frame before sending any, so a bad one sends nothing.
+    frames = tuple(websock.frames_of(result))
+    for frame in frames:
+        if not isinstance(frame, (Text, Binary, Ping, Pong)):
+            msg = f"expected a Text, Binary, Ping or Pong frame, got {frame!r}"
+            raise TypeError(msg)
+    return frames
+
+
+async def _await(awaitable: Any) -> object:
+    return await awaitable
+
+
 def _select_subprotocol(offered: list[str], options: WebSocketOptions) -> str | None:
     for subprotocol in options.subprotocols:
         if subprotocol in offered:
@@ -414,14 +523,18 @@ def _replay_bytes(request: Request) -> bytes:
     """
     Rebuild the request head for Autobahn, which parses the handshake itself.
 
-    :raises BadRequestError: for a header that Autobahn would split in two.
+    :raises BadRequestError: for a header value holding a control character
+        or NEL.
     """
     lines = [request.method + b" " + request.uri + b" HTTP/1.1"]
     for name, values in request.requestHeaders.getAllRawHeaders():
         for value in values:
             text = value.decode("latin-1")
-            if not _LINE_BREAKS_FOR_STR.isdisjoint(text):
-                msg = f"invalid character in the {name.decode('latin-1')} header"
+            if not _INVALID_IN_HEADER_VALUE.isdisjoint(text):
+                msg = (
+                    "invalid control character in the value of the "
+                    f"{name.decode('latin-1')} header"
+                )
                 raise BadRequestError(msg)
             lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n"
