@@ -18,6 +18,7 @@ and 204/304 rules), so L{sent} shows what a client would receive.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -155,9 +156,10 @@ def call(plug: PlugSpec, conn: Conn, opts: object = None) -> Deferred[Conn]:
     except Exception:
         return fail()
 
-    if not isinstance(result, Deferred):
-        result = succeed(result)
-    return result.addCallback(_send_stored)
+    pending: Deferred[Conn] = (
+        result if isinstance(result, Deferred) else succeed(cast(Conn, result))
+    )
+    return pending.addCallback(_send_stored)
 
 
 def _send_stored(conn: Conn) -> Conn:

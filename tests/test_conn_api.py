@@ -324,6 +324,7 @@ def _echo_request(conn, opts):
     conn.put_resp_cookie("seen", str(len(conn.req_cookies)), same_site="lax")
     conn.register_before_send(lambda conn: conn.put_resp_header("x-before-send", "ran"))
     conn.put_resp_content_type("text/plain")
+    conn.delete_resp_header("cache-control")
     lines = [f"{name}={value}" for name, value in conn.query_params.multi_items()]
     lines += [
         f"cookie {name}={value}" for name, value in sorted(conn.req_cookies.items())
@@ -349,6 +350,7 @@ async def test_query_cookies_and_before_send_over_socket(serve):
     )
     assert response.header("content-type") == "text/plain; charset=utf-8"
     assert response.header("x-before-send") == "ran"
+    assert response.header("cache-control") is None
     assert response.headers_named("set-cookie") == [
         "seen=2; Path=/; HttpOnly; SameSite=Lax"
     ]
