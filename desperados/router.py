@@ -78,16 +78,18 @@ class Route:
     prefix: bool = False
 
 
-def route(methods: Iterable[str] | None, path: str, plug: PlugSpec) -> Route:
+def route(methods: str | Iterable[str] | None, path: str, plug: PlugSpec) -> Route:
     """
     Route requests with one of C{methods} whose path matches C{path} to C{plug}.
 
     A route that takes GET also takes HEAD.
 
-    :param methods: method names, or None for every method.
+    :param methods: a method name, several, or None for every method.
     """
     if methods is None:
         return Route(None, path, plug)
+    if isinstance(methods, str):
+        methods = [methods]
     names = frozenset(method.upper() for method in methods)
     if "GET" in names:
         names |= {"HEAD"}

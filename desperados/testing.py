@@ -17,6 +17,7 @@ and 204/304 rules), so L{sent} shows what a client would receive.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import unquote
@@ -93,7 +94,7 @@ def conn(
     path: str = "/",
     body: bytes | str = b"",
     *,
-    headers: list[tuple[str, str]] | dict[str, str] = (),  # type: ignore[assignment]
+    headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
     scheme: str = "http",
     host: str = "www.example.com",
     port: int | None = None,
@@ -113,7 +114,7 @@ def conn(
     :param compress: response compression, as the server's C{compress} option.
     """
     request_path, _, query_string = path.partition("?")
-    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
     req_headers = [(name.lower(), value) for name, value in pairs]
     if not any(name == "host" for name, _ in req_headers):
         req_headers.insert(0, ("host", host))

@@ -262,6 +262,9 @@ class TestInit:
         with pytest.raises(TypeError, match="expected a plug"):
             Router([get("/", 42)]).init(None)
 
+    def test_route_takes_one_method_name(self):
+        assert route("post", "/x", App) == Route(frozenset({"POST"}), "/x", App)
+
     def test_route_is_plain_value(self):
         assert get("/x", App) == Route(frozenset({"GET", "HEAD"}), "/x", App)
 
