@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from processes import TWISTD, child_env, get, read_events, stop
+from subprocesses import TWISTD, child_env, get, read_events, stop
 from support import connect, upgrade_request
 from twisted.application.service import MultiService
 from twisted.application.strports import service as strports_service
@@ -158,7 +158,7 @@ def test_systemd_socket_activation(tmp_path: Path):
         TWISTD,
         "--nodaemon",
         "--pidfile=",
-        "--logger=processes.json_observer",
+        "--logger=subprocesses.json_observer",
         "desperados",
         "--plug=embedded_app.App",
         "--listen=systemd:domain=INET:index=0",

@@ -1,5 +1,5 @@
 """
-Helpers for tests that run desperados in child processes.
+Blocking helpers for tests that run desperados in child processes.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def json_observer():
     """
     Return a log observer writing JSON events to the file named by C{TEST_LOG}.
 
-    Pass it to twistd as C{--logger processes.json_observer}.
+    Pass it to twistd as C{--logger subprocesses.json_observer}.
     """
     from twisted.logger import jsonFileLogObserver
 
