@@ -38,18 +38,24 @@ def wire_response(
     """
     status = conn.status
     assert status is not None
-    headers = list(conn.resp_headers)
+    headers = conn.resp_headers
     if not has_body(status):
         headers = [
             (name, value) for name, value in headers if name not in _LENGTH_HEADERS
         ]
         return headers, b""
 
-    headers, body = compress_response(
-        status, headers, body, conn.get_req_header("accept-encoding"), compression
-    )
-    if not any(name == "content-length" for name, _ in headers):
-        headers.append(("content-length", str(len(body))))
+    # Checked here first so that the common small response skips the
+    # Accept-Encoding lookup; compress_response checks the size again.
+    if compression is not None and len(body) >= compression.min_size:
+        headers, body = compress_response(
+            status, headers, body, conn.get_req_header("accept-encoding"), compression
+        )
+    for name, _ in headers:
+        if name == "content-length":
+            break
+    else:
+        headers = [*headers, ("content-length", str(len(body)))]
     if conn.method == "HEAD":
         body = b""
     return headers, body

@@ -86,7 +86,7 @@ class MemoryAdapter:
     def send_resp(self, conn: Conn, body: bytes) -> None:
         headers, body = wire_response(conn, body, self.compression)
         assert conn.status is not None
-        self.responses.append(SentResponse(conn.status, headers, body))
+        self.responses.append(SentResponse(conn.status, list(headers), body))
 
 
 def conn(
