@@ -48,9 +48,9 @@ def check_websocket_upgrade(conn: Conn, options: WebSocketOptions) -> None:
     """
     Check that the request is a valid WebSocket opening handshake.
 
-    Follows RFC 6455 section 4.2.1 and RFC 9110 section 7.8, and rejects
-    everything that Autobahn would reject after the hand-off, so that every
-    invalid handshake gets the same kind of answer.
+    Follows RFC 6455 section 4.2.1 and RFC 9110 section 7.8.  It also
+    rejects the Host, Origin and Sec-WebSocket-Protocol values that Autobahn
+    would reject after the hand-off, so those get this server's 400 too.
 
     :raises BadRequestError: 400, naming the method, protocol version or
         header that is wrong.

@@ -151,7 +151,7 @@ Result = Ok | Push | Stop
 @dataclass(frozen=True, slots=True)
 class CloseReason:
     """
-    Why a connection ended, given to the handler's C{terminate}.
+    The cause of a connection's end, given to the handler's C{terminate}.
 
     :ivar kind: C{"local"} (the handler returned L{Stop}), C{"remote"} (the
         peer sent a Close frame), C{"timeout"} (the idle timeout, or no pong
@@ -186,13 +186,12 @@ class WebSocketOptions:
     :ivar validate_utf8: close with 1007 when a text message is not UTF-8.
     :ivar origins: the C{Origin} values allowed to connect, such as
         C{"https://example.com"}, compared case-insensitively; C{None}
-        allows any.  A request with another Origin is answered with 403
+        allows any.  A request with another Origin gets 403
         before the upgrade.  A request without Origin is allowed, because
         only browsers send it and the check exists to stop other sites'
         pages from opening connections with the user's cookies.
     :ivar subprotocols: the subprotocols this handler speaks, in order of
         preference; the first one that the client also offers is selected.
-    :ivar open_handshake_timeout: seconds allowed for the opening handshake.
     :ivar close_handshake_timeout: seconds to wait for the peer's Close frame
         after ours before the TCP connection is dropped.
     :ivar ping_interval: seconds between server pings, or C{None} for none.
@@ -206,7 +205,6 @@ class WebSocketOptions:
     validate_utf8: bool = True
     origins: tuple[str, ...] | None = None
     subprotocols: tuple[str, ...] = ()
-    open_handshake_timeout: float = 10.0
     close_handshake_timeout: float = 5.0
     ping_interval: float | None = None
     ping_timeout: float | None = None
@@ -219,8 +217,9 @@ class WebSocketOptions:
                 raise ValueError(msg)
         for name in ("timeout", "ping_interval", "ping_timeout"):
             _check_seconds(name, getattr(self, name), optional=True)
-        for name in ("open_handshake_timeout", "close_handshake_timeout"):
-            _check_seconds(name, getattr(self, name), optional=False)
+        _check_seconds(
+            "close_handshake_timeout", self.close_handshake_timeout, optional=False
+        )
         if isinstance(self.origins, str) or isinstance(self.subprotocols, str):
             msg = (
                 "expected a list of strings for origins and subprotocols, got a string"

@@ -44,14 +44,15 @@ from desperados.websock import (
     WebSocketUpgrade,
 )
 
-# Header value characters that are rejected before the request head is
-# replayed to Autobahn: the control characters (RFC 9110 section 5.5 allows
-# none but HTAB) and NEL.  twisted.web splits header lines on CRLF only, while
-# Autobahn releases before 26.x split the replayed head with str.splitlines(),
-# which also breaks lines at VT, FF, FS, GS, RS and NEL, so one header could
-# become two.  Current Autobahn rejects control characters itself but takes
-# NEL as obs-text; checking here answers every such request with one 400 of
-# ours, whatever the Autobahn version.
+# Header value characters rejected before the request head is replayed to
+# Autobahn: the control characters (RFC 9110 section 5.5 allows none but
+# HTAB) and NEL.  twisted.web splits header lines on CRLF only, but older
+# Autobahn releases split the replayed head with str.splitlines(), which also
+# breaks lines at VT, FF, FS, GS, RS and NEL, so one header could become two
+# (https://github.com/crossbario/autobahn-python/issues/2034).  Autobahn
+# 26.11 rejects control characters itself and takes NEL as obs-text.
+# Rejecting them here gives every such request the same 400 from this server,
+# whatever the Autobahn version.
 _INVALID_IN_HEADER_VALUE = frozenset(
     [chr(code) for code in range(0x20) if code != 0x09] + ["\x7f", "\x85"]
 )
@@ -66,7 +67,8 @@ class HandlerProtocol(WebSocketServerProtocol):
     One WebSocket connection, running the callbacks of an L{IWebSock} handler.
 
     Callbacks run one at a time: while a callback's Deferred or coroutine is
-    pending, later events wait in a queue and the transport stops reading.
+    pending, later events wait in a queue, and the transport stops reading
+    until the queue is drained.
     """
 
     _log = Logger(observer=log_observer)
@@ -128,12 +130,11 @@ class HandlerProtocol(WebSocketServerProtocol):
     def onFrameData(self, payload: bytes) -> bool | None:
         result = super().onFrameData(payload)
         if result is False and self.failedByMe and self._failed_frame_read():
-            # NOTE: Autobahn 26.11 returns False for a frame it failed on (a
-            # compressed message that inflates past max_message_size, say)
-            # but keeps it as the current frame, so it never parses the
-            # peer's Close frame and drops TCP only after the closing
-            # handshake timeout.  Once all of the failed frame is read, go on
-            # with the next one.
+            # NOTE: Autobahn 26.11 keeps a frame it failed on (such as a
+            # compressed message that inflates past max_message_size) as the
+            # current frame.  It then never parses the peer's Close frame and
+            # drops TCP only after the closing handshake timeout.  Once the
+            # failed frame is read in full, go on with the next one.
             self.current_frame = None
         return result
 
@@ -180,8 +181,8 @@ class HandlerProtocol(WebSocketServerProtocol):
             return
         if self._pending:
             # Stop reading until the queue is drained, so that a peer that
-            # keeps sending cannot make it grow without bound.  The cost: a
-            # lost connection shows only once reading resumes.
+            # keeps sending cannot make it grow without bound.  The cost is
+            # that a lost connection shows only once reading resumes.
             self._queue.append((callback, argument))
             self._pause_reading()
             return
@@ -292,8 +293,8 @@ class HandlerProtocol(WebSocketServerProtocol):
 
     def _deliver_info(self, message: object) -> None:
         # callFromThread is safe from any thread, the reactor's included, and
-        # keeps the messages of one sender in order (callLater(0) would not:
-        # calls due at the same time may run in any order).
+        # keeps the messages of one sender in order.  callLater(0) would not,
+        # because calls due at the same time may run in any order.
         self.bridge.reactor.callFromThread(self._dispatch, "handle_info", message)
 
     # Endings
@@ -310,7 +311,7 @@ class HandlerProtocol(WebSocketServerProtocol):
 
     def _close(self, reason: CloseReason) -> None:
         # Only the first ending counts, and only while the connection is
-        # open: once the peer's Close frame came, that is what ended it.
+        # open, because once the peer's Close frame came, that ended it.
         if self._close_reason is not None or self.state != self.STATE_OPEN:
             return
         self._close_reason = reason
@@ -321,9 +322,9 @@ class HandlerProtocol(WebSocketServerProtocol):
 
     def _send_close(self, code: int | None, reason: str) -> None:
         # Autobahn's sendClose() accepts only 1000 and 3000-4999, the codes
-        # an application picks, but a server also sends 1001 (going away)
-        # and 1011 (internal error), RFC 6455 section 7.4.1.  sendCloseFrame()
-        # is what Autobahn itself uses for 1002, 1007 and 1009.
+        # an application picks.  A server also sends 1001 (going away) and
+        # 1011 (internal error), RFC 6455 section 7.4.1, so use
+        # sendCloseFrame(), which Autobahn itself uses for 1002, 1007 and 1009.
         reason_bytes = reason.encode("utf-8")[: websock.MAX_CLOSE_REASON_BYTES]
         self.sendCloseFrame(code=code, reasonUtf8=reason_bytes or None, isReply=False)
 
@@ -372,7 +373,7 @@ class HandlerProtocol(WebSocketServerProtocol):
         now = self.bridge.reactor.seconds()
         if self._pending:
             # A slow callback is not the peer's idleness, and reading may be
-            # paused meanwhile: count from now.
+            # paused meanwhile, so count from now.
             self._last_received = now
         idle = now - self._last_received
         if idle < timeout:
@@ -409,7 +410,7 @@ class WebSocketBridge:
         Close every open connection with 1001 (going away).
 
         Each handler's C{terminate} gets a L{CloseReason} of kind
-        C{"shutdown"}.  A peer that does not answer the Close frame is
+        C{"shutdown"}.  A peer that does not reply to the Close frame is
         dropped after the connection's C{close_handshake_timeout}.
 
         :returns: a Deferred that fires once every connection has ended.
@@ -504,7 +505,9 @@ def _make_factory(options: WebSocketOptions) -> WebSocketServerFactory:
         maxFramePayloadSize=options.max_frame_size,
         maxMessagePayloadSize=options.max_message_size,
         utf8validateIncoming=options.validate_utf8,
-        openHandshakeTimeout=options.open_handshake_timeout,
+        # twisted.web has read the whole handshake already (its own timeouts
+        # apply there), and hand_off() replays it at once.
+        openHandshakeTimeout=0,
         closeHandshakeTimeout=options.close_handshake_timeout,
         autoPingInterval=options.ping_interval or 0,
         autoPingTimeout=options.ping_timeout or 0,

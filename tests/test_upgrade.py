@@ -1,6 +1,6 @@
 """
-Which requests may become WebSockets: the pure checks, Conn.upgrade, and the
-answers a client gets over loopback for each rejected handshake.
+Upgrade checks: the pure functions, Conn.upgrade, and the response a client
+gets over loopback for each rejected handshake.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ RSV1 = 0b100
 @implementer(IWebSock)
 class Scripted:
     """
-    A handler whose callbacks do what the test says, recording every call.
+    A handler whose callbacks return what the test gives, recording every call.
 
     Each keyword names a callback (C{init}, C{handle_in}, C{handle_info},
     C{handle_control}) and gives a function with the same arguments that
@@ -65,6 +65,7 @@ class Scripted:
         self.calls: list[tuple[str, tuple[object, ...]]] = []
         self.handles: list[object] = []
         self.terminations: list[tuple[object, object]] = []
+        self.terminate_handles: list[object] = []
         self.terminated: Deferred[object] = Deferred()
         if "handle_control" in callbacks:
             self.handle_control = self._handle_control
@@ -90,6 +91,7 @@ class Scripted:
         return self._run("handle_control", frame, state)
 
     def terminate(self, reason: object, state: object) -> None:
+        self.terminate_handles.append(current_handle())
         self.terminations.append((reason, state))
         if not self.terminated.called:
             self.terminated.callback(reason)
@@ -583,6 +585,37 @@ async def test_invalid_utf8_passes_without_validation(websocket_server):
     assert echo == (BINARY, b"bad \xff here")
 
 
+@pytest_twisted.ensureDeferred
+async def test_server_pings_at_interval(websocket_server):
+    handler = Scripted()
+    server = await websocket_server(handler, ping_interval=0.1, ping_timeout=10)
+
+    client = await server.open()
+    first_opcode, first_payload = await client.read_frame()
+    client.send_frame(PONG, first_payload)
+    second_opcode, _ = await client.read_frame()
+    await close_cleanly(client)
+    reason = await ended(server)
+
+    assert first_opcode == PING
+    assert second_opcode == PING
+    assert reason.kind == "remote"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unanswered_ping_ends_with_timeout(websocket_server):
+    handler = Scripted()
+    server = await websocket_server(handler, ping_interval=0.1, ping_timeout=0.1)
+
+    client = await server.open()
+    opcode, _ = await client.read_frame()
+    await client.wait_closed()
+    reason = await ended(server)
+
+    assert opcode == PING
+    assert (reason.kind, reason.code) == ("timeout", None)
+
+
 # Callbacks that fail
 
 
@@ -908,6 +941,7 @@ async def test_terminate_called_once(websocket_server, logs, ending, kind, code)
     assert len(handler.terminations) == 1
     assert (reason.kind, reason.code) == (kind, code)
     assert handler.terminations[0][1] == "last state"
+    assert handler.terminate_handles == handler.handles
     assert server.bridge.connections == set()
 
 
