@@ -8,7 +8,7 @@ import os
 import time
 
 from desperados import Builder, endpoints
-from desperados.plugs import Websocket
+from desperados.plugs import Metrics, Websocket
 
 
 def report_pid(conn, opts):
@@ -30,3 +30,11 @@ class App(Builder):
     """
 
     plugs = [report_pid, Websocket, endpoints.Websocket, endpoints.HTTP]
+
+
+class MetricsApp(Builder):
+    """
+    L{App} with the Metrics plug at C{/metrics}.
+    """
+
+    plugs = [(Metrics, {"path": "/metrics"}), report_pid, endpoints.HTTP]

@@ -7,6 +7,7 @@ is imported only when the service is made.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.service import IServiceMaker
@@ -52,11 +53,24 @@ class Options(usage.Options):
             "Log level of the startup line, or 'false' to leave it out.",
         ],
         ["log-level", None, "info", "Lowest level logged: " + ", ".join(_LOG_LEVELS) + "."],
+        [
+            "workers",
+            None,
+            "1",
+            "Number of worker processes sharing the listening sockets, or 'auto' "
+            "for one per CPU; SIGHUP replaces them one at a time.",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["argv"] = []
+
+    def parseOptions(self, options: Any = None) -> None:
+        # Worker processes get the same options and parse them again.
+        self["argv"] = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -76,6 +90,28 @@ class Options(usage.Options):
             msg = f"--startup-log must be 'false' or one of {', '.join(_LOG_LEVELS)}, got {startup!r}"
             raise usage.UsageError(msg)
         self["tls"] = self._tls_options()
+        self._check_workers()
+
+    def _check_workers(self) -> None:
+        from desperados.workers import worker_count
+
+        try:
+            self["worker-count"] = worker_count(self["workers"])
+        except ValueError as error:
+            raise usage.UsageError(f"--workers: {error}") from None
+        if self["worker-count"] == 1:
+            return
+        for description in self["listen"]:
+            kind = description.partition(":")[0].strip().lower()
+            if kind == "ssl":
+                msg = f"--workers cannot share --listen {description}; use tcp: with --scheme https"
+                raise usage.UsageError(msg)
+            if kind == "unix":
+                # Twisted removes a UNIX socket's file when a port adopted
+                # from it stops listening, so one stopping worker would take
+                # the socket away from the others.
+                msg = f"--workers cannot share the UNIX socket of --listen {description}"
+                raise usage.UsageError(msg)
 
     def _tls_options(self) -> Any:
         scheme = self["scheme"]
@@ -133,6 +169,9 @@ class DesperadosServiceMaker:
         startup = options["startup-log"]
         startup_level = None if startup == "false" else LogLevel.levelWithName(startup)
 
+        if options.get("worker-count", 1) > 1:
+            return _make_worker_pool(options, reactor, startup_level)
+
         tls = options["tls"]
         site = make_site(
             options["plug"], reactor=reactor, compress=not options["no-compress"]
@@ -148,6 +187,30 @@ class DesperadosServiceMaker:
         return DesperadosService(
             site, endpoints, plug_name=options["plug"], startup_log=startup_level
         )
+
+
+def _make_worker_pool(options: Options, reactor: Any, startup_level: Any) -> Any:
+    from desperados.server import make_endpoint
+    from desperados.workers import WorkerPool
+
+    # The main process listens without TLS or PROXY protocol handling; the
+    # workers add both on the sockets they inherit.
+    descriptions = options["listen"]
+    if descriptions:
+        endpoints = [make_endpoint(reactor, listen=text) for text in descriptions]
+        haproxy = [text.strip().lower().startswith("haproxy:") for text in descriptions]
+    else:
+        endpoints = [make_endpoint(reactor, port=options["port"], ip=options["ip"])]
+        haproxy = [False]
+    return WorkerPool(
+        endpoints,
+        options["argv"],
+        options["worker-count"],
+        wrap_haproxy=haproxy,
+        plug_name=options["plug"],
+        startup_log=startup_level,
+        reactor=reactor,
+    )
 
 
 service_maker = DesperadosServiceMaker()

@@ -1,0 +1,193 @@
+"""
+twistd desperados --workers: processes sharing one port, restarts, SIGHUP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from subprocesses import TWISTD, child_env, free_port, get, read_events, stop, wait_for_event
+
+# Starting Python with Twisted and Autobahn takes seconds on a busy machine.
+START_TIMEOUT = 60
+
+
+def _start(tmp_path: Path, *options: str) -> tuple[subprocess.Popen, int, Path]:
+    port = free_port()
+    log = tmp_path / "log.json"
+    process = subprocess.Popen(
+        [
+            TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            "--logger=subprocesses.json_observer",
+            "desperados",
+            "--plug=embedded_app.App",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            *options,
+        ],
+        env=child_env(TEST_LOG=str(log)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    return process, port, log
+
+
+def _worker_pids(log: Path) -> dict[int, list[int]]:
+    """
+    Return the pids the main process started, by worker index, oldest first.
+    """
+    pids: dict[int, list[int]] = {}
+    for event in read_events(log):
+        if event.get("log_format") == "started worker {index} as pid {pid}":
+            pids.setdefault(event["index"], []).append(event["pid"])
+    return pids
+
+
+def _pid_of_a_request(port: int) -> int:
+    status, body = get(port, "/pid")
+    assert status == 200
+    return int(body)
+
+
+def _pid_while_another_worker_blocks(port: int) -> tuple[int, int]:
+    """
+    Send C{/block} and, while that worker sleeps, C{/pid}; return both pids.
+    """
+    blocked: list[int] = []
+    thread = threading.Thread(target=lambda: blocked.append(int(get(port, "/block")[1])))
+    thread.start()
+    # Give the first request time to reach a worker; it blocks there 0.3 s.
+    time.sleep(0.1)
+    other = _pid_of_a_request(port)
+    thread.join()
+    return blocked[0], other
+
+
+@pytest.fixture
+def workers(tmp_path: Path):
+    processes = []
+
+    def start(*options: str) -> tuple[subprocess.Popen, int, Path]:
+        started = _start(tmp_path, *options)
+        processes.append(started[0])
+        return started
+
+    yield start
+    for process in processes:
+        stop(process)
+
+
+def test_workers_share_port_and_survive_kill(workers):
+    process, port, log = workers("--workers=2")
+    wait_for_event(log, "worker {index} serving", count=2, timeout=START_TIMEOUT)
+    first_pids = _worker_pids(log)
+
+    seen = set()
+    for _ in range(10):
+        seen.update(_pid_while_another_worker_blocks(port))
+        if len(seen) == 2:
+            break
+    killed = first_pids[0][0]
+    os.kill(killed, signal.SIGKILL)
+    exits = wait_for_event(log, "exited unexpectedly")
+    served_meanwhile = {_pid_of_a_request(port) for _ in range(10)}
+    wait_for_event(log, "worker {index} serving", count=3, timeout=START_TIMEOUT)
+    pids = _worker_pids(log)
+    returncode = stop(process)
+
+    assert seen == {first_pids[0][0], first_pids[1][0]}
+    assert exits[0]["pid"] == killed
+    assert exits[0]["index"] == 0
+    assert exits[0]["status"] == "signal SIGKILL"
+    assert exits[0]["delay"] == pytest.approx(0.1)
+    assert killed not in served_meanwhile
+    assert len(pids[0]) == 2
+    assert pids[1] == first_pids[1]
+    stopped = [e for e in read_events(log) if "stopping {count} workers" in e.get("log_format", "")]
+    assert stopped[0]["count"] == 2
+    assert returncode == -signal.SIGTERM
+
+
+def test_sighup_replaces_workers_without_failed_request(workers):
+    process, port, log = workers("--workers=2")
+    wait_for_event(log, "worker {index} serving", count=2, timeout=START_TIMEOUT)
+    old_pids = {pids[0] for pids in _worker_pids(log).values()}
+
+    results: list[object] = []
+    done = threading.Event()
+
+    def keep_sending() -> None:
+        while not done.is_set():
+            try:
+                results.append(_pid_of_a_request(port))
+            except Exception as error:  # noqa: BLE001 - every failure counts
+                results.append(error)
+
+    client = threading.Thread(target=keep_sending)
+    client.start()
+    try:
+        os.kill(process.pid, signal.SIGHUP)
+        wait_for_event(log, "all workers replaced", timeout=START_TIMEOUT)
+        wait_for_event(log, "worker {index} (pid {pid}) stopped", count=2, timeout=START_TIMEOUT)
+        after_replacement = len(results)
+        while len(results) < after_replacement + 20 and client.is_alive():
+            time.sleep(0.05)
+    finally:
+        done.set()
+        client.join()
+    new_pids = {pids[-1] for pids in _worker_pids(log).values()}
+    stop(process)
+
+    failures = [result for result in results if not isinstance(result, int)]
+    assert failures == []
+    assert len(results) > 20
+    assert new_pids.isdisjoint(old_pids)
+    assert set(results[after_replacement:]) <= new_pids
+    stopped = {
+        e["pid"] for e in read_events(log) if "(pid {pid}) stopped" in e.get("log_format", "")
+    }
+    assert old_pids <= stopped
+
+
+def test_workers_option_is_checked():
+    from twisted.plugins.desperados_plugin import Options
+    from twisted.python.usage import UsageError
+
+    for value in ("0", "-1", "many"):
+        with pytest.raises(UsageError, match="--workers"):
+            Options().parseOptions([f"--workers={value}"])
+    with pytest.raises(UsageError, match="UNIX socket"):
+        Options().parseOptions(["--workers=2", "--listen=unix:/tmp/x.sock"])
+    auto = Options()
+    auto.parseOptions(["--workers=auto"])
+    assert auto["worker-count"] == len(os.sched_getaffinity(0))
+
+
+def test_metrics_add_up_over_workers(workers):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    process, port, log = workers("--workers=2", "--plug=embedded_app.MetricsApp")
+    wait_for_event(log, "worker {index} serving", count=2, timeout=START_TIMEOUT)
+
+    seen = set()
+    for _ in range(5):
+        seen.update(_pid_while_another_worker_blocks(port))
+    status, body = get(port, "/metrics")
+    stop(process)
+
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    assert status == 200
+    assert len(seen) == 2
+    assert samples[("desperados_http_requests_total", (("method", "GET"), ("status", "200")))] == 10
