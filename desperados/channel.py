@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 
 from desperados.http2 import H2Connection
@@ -26,9 +28,67 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
     also switches when no protocol was negotiated and the first bytes are
     the connection preface, and it switches to desperados'
     L{H2Connection}, which carries the HTTP/2 corrections.
+
+    It also registers itself with its Site so that a drain can find the
+    idle connections and those with a request in flight (see L{track}).
+
+    :ivar first_channel: the HTTPChannel this protocol started with, the key
+        in the Site's registry; C{_channel} becomes an H2Connection after
+        the switch to HTTP/2.
     """
 
     _received = b""
+    _registry: dict[HTTPChannel, HTTPChannelSelector] | None = None
+
+    def __init__(self, channel: HTTPChannel) -> None:
+        super().__init__(channel)
+        self.first_channel = channel
+        self._closed: list[Deferred[None]] = []
+
+    def track(self, registry: dict[HTTPChannel, HTTPChannelSelector]) -> None:
+        """
+        Add this connection to C{registry} until it is lost or handed off.
+
+        A connection that becomes a WebSocket leaves the registry through
+        L{untrack}: its transport then belongs to another protocol, and this
+        one never hears of the connection again.
+        """
+        self._registry = registry
+        registry[self.first_channel] = self
+
+    def untrack(self) -> None:
+        """
+        Remove this connection from its registry and fire L{when_closed}.
+        """
+        if self._registry is not None:
+            self._registry.pop(self.first_channel, None)
+            self._registry = None
+        closed, self._closed = self._closed, []
+        for waiting in closed:
+            waiting.callback(None)
+
+    @property
+    def tracked(self) -> bool:
+        """
+        Whether the connection is still in its registry.
+        """
+        return self._registry is not None
+
+    def when_closed(self) -> Deferred[None]:
+        """
+        Return a Deferred that fires once the connection is lost or handed off.
+        """
+        if self._registry is None:
+            return succeed(None)
+        closed: Deferred[None] = Deferred()
+        self._closed.append(closed)
+        return closed
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            self._channel.connectionLost(reason)
+        finally:
+            self.untrack()
 
     def dataReceived(self, data: bytes) -> None:
         if self._negotiatedProtocol is not None:

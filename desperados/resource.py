@@ -8,7 +8,7 @@ from time import perf_counter
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
@@ -26,6 +26,8 @@ from desperados.upgrade import is_websocket_upgrade
 from desperados.websocket import WebSocketBridge
 
 _HTTP2 = b"HTTP/2"
+
+DEFAULT_RESPONSE_TIMEOUT = 60.0
 
 
 class _RequestAdapter:
@@ -68,10 +70,16 @@ class PlugResource(Resource):
     :param plug: a plug class or instance, a function C{f(conn, opts)}, or a
         dotted name of one of them.
     :param opts: the options given to the plug's C{init}.
-    :param reactor: the reactor for WebSocket timers; the global one if None.
+    :param reactor: the reactor for timers; the global one if None.
     :param compress: compress responses with gzip or deflate when the client
         accepts it (True, the default), never (False), or with the given
         L{Compression} options.
+    :param response_timeout: seconds the plug may take to finish a request
+        before it is cancelled and the request answered with 503 (or the
+        connection closed, if the response has started); None for no limit.
+
+    :ivar draining: set while the server stops: responses then carry
+        C{connection: close} and upgrades are answered with 503.
     """
 
     isLeaf = True
@@ -84,17 +92,27 @@ class PlugResource(Resource):
         *,
         reactor: Any = None,
         compress: bool | Compression = True,
+        response_timeout: float | None = DEFAULT_RESPONSE_TIMEOUT,
     ):
         super().__init__()
+        if response_timeout is not None and response_timeout <= 0:
+            msg = f"expected a positive response_timeout or None, got {response_timeout!r}"
+            raise ValueError(msg)
         self.compression = compression_option(compress)
         self._plug = compile_plug((plug, opts))
         self.websockets = WebSocketBridge(reactor)
+        self.reactor = self.websockets.reactor
+        self.response_timeout = response_timeout
+        self.draining = False
 
     def render(self, request: Request) -> int:
         # twisted.web's Site sets these before rendering; a plug decides the
         # content type, and the server's name and version are nobody's concern.
         request.defaultContentType = None
         request.responseHeaders.removeHeader(b"server")
+
+        if self.draining:
+            _close_after_response(request)
 
         conn = self._conn_from(request)
         if telemetry.observers:
@@ -105,7 +123,9 @@ class PlugResource(Resource):
             self._fail(Failure(), request, conn)
             return NOT_DONE_YET
 
-        if isinstance(result, Deferred):
+        if isinstance(result, Deferred) and not result.called:
+            self._wait(result, request, conn)
+        elif isinstance(result, Deferred):
             result.addCallbacks(
                 self._finish,
                 self._fail,
@@ -115,6 +135,55 @@ class PlugResource(Resource):
         else:
             self._finish(result, request)
         return NOT_DONE_YET
+
+    def _wait(self, pending: Deferred[Conn], request: Request, conn: Conn) -> None:
+        """
+        Finish the request when C{pending} fires, within the response timeout.
+
+        C{pending} is cancelled when the client goes away or the response
+        times out; the plug's later writes to the Conn are then ignored,
+        because the request is finished or disconnected.
+        """
+        abandoned = False
+        timer = None
+
+        def time_out() -> None:
+            nonlocal abandoned
+            abandoned = True
+            self.log.error(
+                "{plug} did not finish {method} {path} within {timeout} s",
+                plug=self._plug.name,
+                method=conn.method,
+                path=conn.request_path,
+                timeout=self.response_timeout,
+            )
+            self._send_error(request, 503, b"service unavailable")
+            pending.cancel()
+
+        def client_gone(failure: Failure) -> None:
+            # A client that closes its connection early is not an error of
+            # ours: stop the plug's work and log nothing.
+            nonlocal abandoned
+            if not pending.called:
+                abandoned = True
+                pending.cancel()
+
+        def finished(result: Conn) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not abandoned:
+                self._finish(result, request)
+
+        def failed(failure: Failure) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not (abandoned and failure.check(CancelledError)):
+                self._fail(failure, request, conn)
+
+        if self.response_timeout is not None:
+            timer = self.reactor.callLater(self.response_timeout, time_out)
+        request.notifyFinish().addErrback(client_gone)
+        pending.addCallbacks(finished, failed)
 
     def _conn_from(self, request: Request) -> Conn:
         host_header = request.getHeader(b"host")
@@ -167,11 +236,15 @@ class PlugResource(Resource):
                 self._fail(Failure(), request, conn)
             return
         if conn.state == UPGRADED and conn.upgrade_request is not None:
+            if self.draining:
+                self._send_error(request, 503, b"server is shutting down")
+                return
             try:
                 self.websockets.hand_off(request, conn.upgrade_request)
             except DesperadosError as error:
                 self._reject(error, request, conn)
                 return
+            _forget_http_connection(request)
             if telemetry.observers:
                 _observe_upgrade(request, conn)
             return
@@ -289,6 +362,19 @@ def _observe_upgrade(request: Request, conn: Conn) -> None:
     site = getattr(request.channel, "site", None)
     if getattr(site, "emits_connection_events", False):
         telemetry.emit("http.connection.upgrade")
+def _close_after_response(request: Request) -> None:
+    if request.clientproto != _HTTP2:
+        request.channel.persistent = False
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+def _forget_http_connection(request: Request) -> None:
+    # The transport now belongs to the WebSocket protocol, so the Site's
+    # HTTP protocol never learns when the connection closes; drop it from
+    # the Site's registry here (see HTTPChannelSelector.track).
+    forget = getattr(request.channel.site, "forget_connection", None)
+    if forget is not None:
+        forget(request.channel)
 
 
 def _http_version(request: Request) -> str:

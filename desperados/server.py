@@ -19,14 +19,17 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger, LogLevel
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from desperados import __version__, telemetry
 from desperados._logging import observer as log_observer
 from desperados.builder import PlugSpec
-from desperados.channel import build_channel
+from desperados.channel import HTTPChannelSelector, build_channel
 from desperados.compression import Compression
-from desperados.resource import PlugResource
+from desperados.drain import DEFAULT_DRAIN_TIMEOUT, drain_connections
+from desperados.resource import DEFAULT_RESPONSE_TIMEOUT, PlugResource
 from desperados.tls import TLSServerEndpoint, certificate_options
 
 DEFAULT_PORT = 8082
@@ -44,6 +47,11 @@ class DesperadosSite(Site):
     C{http.connection} events of L{desperados.telemetry}.  Each connection
     starts as HTTP/1.1 and switches to HTTP/2 after TLS ALPN chose C{h2} or
     when a cleartext client starts with the HTTP/2 connection preface.
+    The Site keeps its open HTTP connections so that L{drain} can close them
+    gracefully.
+
+    :ivar connections: the open HTTP connections, by their first channel
+        (see L{desperados.channel.HTTPChannelSelector.track}).
     """
 
     emits_connection_events = True
@@ -52,9 +60,12 @@ class DesperadosSite(Site):
     def __init__(self, resource: PlugResource, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.plug_resource = resource
+        self.connections: dict[HTTPChannel, HTTPChannelSelector] = {}
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)
+        if isinstance(protocol, HTTPChannelSelector):
+            protocol.track(self.connections)
         if telemetry.observers and protocol is not None:
             _observe_connection(protocol)
         return protocol
@@ -65,6 +76,36 @@ class DesperadosSite(Site):
 
     def log(self, request: Any) -> None:
         pass
+
+    def forget_connection(self, channel: HTTPChannel) -> None:
+        """
+        Stop tracking the connection of C{channel}, which became a WebSocket.
+        """
+        protocol = self.connections.get(channel)
+        if protocol is not None:
+            protocol.untrack()
+
+    def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT) -> Deferred[None]:
+        """
+        Close every connection gracefully; call it once the ports are closed.
+
+        Requests in flight get up to C{timeout} seconds to finish and are
+        answered with C{connection: close}; idle keep-alive connections are
+        closed now; HTTP/2 connections get GOAWAY; WebSocket handlers are
+        terminated with a C{"shutdown"} reason and their connections closed
+        with 1001 Going Away.  Whatever is still open after C{timeout} is
+        aborted.
+
+        :returns: a Deferred that fires once every connection is closed.
+        """
+        resource = self.plug_resource
+        resource.draining = True
+        return drain_connections(
+            self.connections.values(),
+            resource.websockets,
+            timeout=timeout,
+            reactor=self.reactor,
+        )
 
 
 def _observe_connection(protocol: Any) -> None:
@@ -87,6 +128,7 @@ def make_site(
     *,
     reactor: Any = None,
     compress: bool | Compression = True,
+    response_timeout: float | None = DEFAULT_RESPONSE_TIMEOUT,
 ) -> DesperadosSite:
     """
     Build the Site that runs C{plug} for every request.
@@ -94,11 +136,15 @@ def make_site(
     :param plug: a plug, a pipeline, or a dotted name of either.
     :param opts: the options given to the plug's C{init}.
     :param compress: response compression, see L{PlugResource}.
+    :param response_timeout: seconds a pipeline may take before the
+        request is answered with 503; None for no limit.
     """
     return DesperadosSite(
-        PlugResource(plug, opts, reactor=reactor, compress=compress), reactor=reactor
+        PlugResource(
+            plug, opts, reactor=reactor, compress=compress, response_timeout=response_timeout
+        ),
+        reactor=reactor,
     )
-
 
 def make_endpoint(
     reactor: Any,
@@ -217,13 +263,19 @@ def start_link(
     reactor: Any = None,
     startup_log: LogLevel | None = LogLevel.info,
     compress: bool | Compression = True,
-) -> Deferred[IListeningPort]:
+    response_timeout: float | None = DEFAULT_RESPONSE_TIMEOUT,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+) -> Deferred[Server]:
     """
-    Start serving C{plug} and fire with the listening port.
+    Start serving C{plug} and fire with the running L{Server}.
 
-    Stop serving with the port's C{stopListening()}.  Over TLS, ALPN offers
-    HTTP/2 (C{h2}) and HTTP/1.1; without TLS, a client may start HTTP/2 with
-    prior knowledge by sending the HTTP/2 connection preface.
+    Stop it gracefully with C{server.stop()}, which stops listening, lets
+    requests in flight finish and closes WebSockets with 1001 Going Away.
+    The Server is also an C{IListeningPort}: C{server.getHost().port} is
+    the port, and C{stopListening()} only stops accepting connections.
+    Over TLS, ALPN offers HTTP/2 (C{h2}) and HTTP/1.1; without TLS, a client
+    may start HTTP/2 with prior knowledge by sending the HTTP/2 connection
+    preface.
 
     :param plug: a plug, a pipeline, or a dotted name of either.
     :param opts: the options given to the plug's C{init}.
@@ -239,6 +291,10 @@ def start_link(
     :param startup_log: the level of the startup log line, None for none.
     :param compress: compress responses with gzip or deflate when the client
         accepts it (True), never (False), or with the given L{Compression}.
+    :param response_timeout: seconds a pipeline may take before the
+        request is answered with 503; None for no limit.
+    :param drain_timeout: seconds that C{stop()} waits for connections to
+        close before it aborts them.
     :raises ValueError: for bad scheme, certificate or endpoint options.
     """
     if reactor is None:
@@ -247,25 +303,101 @@ def start_link(
         reactor = global_reactor
     tls = tls_options(scheme, certfile, keyfile)
     endpoint = make_endpoint(reactor, port=port, ip=ip, listen=listen, tls=tls)
-    site = make_site(plug, opts, reactor=reactor, compress=compress)
+    site = make_site(
+        plug, opts, reactor=reactor, compress=compress, response_timeout=response_timeout
+    )
     plug_name = plug if isinstance(plug, str) else site.plug_resource._plug.name
 
-    async def listen_and_log() -> IListeningPort:
+    async def listen_and_log() -> Server:
         listening = await endpoint.listen(site)
         _log_startup(startup_log, plug_name, listening, endpoint_scheme(endpoint))
-        return listening
+        return Server(site, [listening], drain_timeout=drain_timeout)
 
     return ensureDeferred(listen_and_log())
+
+
+def _stop_listening(ports: Sequence[IListeningPort]) -> Deferred[object]:
+    stopping = [port.stopListening() for port in ports]
+    for port in ports:
+        log.info("stopped listening at {address}", address=format_address(port.getHost()))
+    return DeferredList([d for d in stopping if d is not None])
+
+
+def _stop_and_drain(
+    site: DesperadosSite, stopped_listening: Deferred[object], timeout: float
+) -> Deferred[None]:
+    async def drain() -> None:
+        await stopped_listening
+        await site.drain(timeout)
+
+    return ensureDeferred(drain())
+
+
+@implementer(IListeningPort)
+class Server:
+    """
+    A running server, as returned by L{start_link}: its Site and its ports.
+
+    :ivar site: the L{DesperadosSite} serving the pipeline.
+    :ivar ports: the listening ports.
+    :ivar drain_timeout: the default timeout of L{stop}, in seconds.
+    """
+
+    def __init__(
+        self,
+        site: DesperadosSite,
+        ports: Sequence[IListeningPort],
+        *,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    ) -> None:
+        self.site = site
+        self.ports = list(ports)
+        self.drain_timeout = drain_timeout
+
+    def getHost(self) -> Any:
+        """
+        Return the address of the first listening port.
+        """
+        return self.ports[0].getHost()
+
+    def startListening(self) -> None:
+        """
+        Do nothing: L{start_link} has already started listening.
+        """
+
+    def stopListening(self) -> Deferred[object]:
+        """
+        Stop accepting connections, leaving the open ones alone.
+        """
+        ports, self.ports = self.ports, []
+        return _stop_listening(ports)
+
+    def stop(self, drain_timeout: float | None = None) -> Deferred[None]:
+        """
+        Stop listening, then drain the open connections (see L{DesperadosSite.drain}).
+
+        :param drain_timeout: seconds to wait before aborting the connections
+            still open; the Server's C{drain_timeout} when None.
+        :returns: a Deferred that fires once every connection is closed.
+        """
+        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        return _stop_and_drain(self.site, self.stopListening(), timeout)
 
 
 class DesperadosService(Service):
     """
     The twistd service: one Site listening on one or more endpoints.
 
+    Stopping the service (twistd does so on SIGTERM and SIGINT) stops
+    listening and drains the open connections; the Deferred that
+    C{stopService} returns holds the reactor's shutdown until they are
+    closed, or until C{drain_timeout} has passed.
+
     :param site: the Site to serve.
     :param endpoints: where to listen.
     :param plug_name: the pipeline's name for the startup line.
     :param startup_log: the level of the startup line, None for none.
+    :param drain_timeout: seconds to wait for connections to close.
     """
 
     def __init__(
@@ -275,11 +407,13 @@ class DesperadosService(Service):
         *,
         plug_name: str,
         startup_log: LogLevel | None = LogLevel.info,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     ) -> None:
         self.site = site
         self.endpoints = list(endpoints)
         self.plug_name = plug_name
         self.startup_log = startup_log
+        self.drain_timeout = drain_timeout
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[object] | None = None
 
@@ -305,13 +439,7 @@ class DesperadosService(Service):
 
         return endpoint.listen(self.site).addCallbacks(listening, failed)
 
-    def stopService(self) -> Deferred[object]:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         ports, self.ports = self.ports, []
-        stopping = [port.stopListening() for port in ports]
-        for port in ports:
-            log.info("stopped listening at {address}", address=format_address(port.getHost()))
-        # Close open WebSockets with 1001; twistd waits for this Deferred
-        # before it stops the reactor, so the Close frames go out.
-        stopping.append(self.site.plug_resource.websockets.shutdown())
-        return DeferredList([d for d in stopping if d is not None])
+        return _stop_and_drain(self.site, _stop_listening(ports), self.drain_timeout)

@@ -60,6 +60,21 @@ class Options(usage.Options):
             "Number of worker processes sharing the listening sockets, or 'auto' "
             "for one per CPU; SIGHUP replaces them one at a time.",
         ],
+        [
+            "drain-timeout",
+            None,
+            15.0,
+            "Seconds to let requests in flight finish and WebSockets close on "
+            "SIGTERM or SIGINT before the remaining connections are aborted.",
+            float,
+        ],
+        [
+            "response-timeout",
+            None,
+            "60",
+            "Seconds a pipeline may take to finish a request before it gets "
+            "503, or 'none' for no limit.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -85,6 +100,10 @@ class Options(usage.Options):
         if self["log-level"] not in _LOG_LEVELS:
             msg = f"--log-level must be one of {', '.join(_LOG_LEVELS)}, got {self['log-level']!r}"
             raise usage.UsageError(msg)
+        if self["drain-timeout"] < 0:
+            msg = f"--drain-timeout must be 0 or more seconds, got {self['drain-timeout']!r}"
+            raise usage.UsageError(msg)
+        self["response-timeout"] = _parse_timeout("--response-timeout", self["response-timeout"])
         startup = self["startup-log"]
         if startup != "false" and startup not in _LOG_LEVELS:
             msg = f"--startup-log must be 'false' or one of {', '.join(_LOG_LEVELS)}, got {startup!r}"
@@ -144,6 +163,19 @@ class Options(usage.Options):
             raise usage.UsageError(msg) from None
 
 
+def _parse_timeout(option: str, text: str | float | None) -> float | None:
+    if text is None or str(text).lower() == "none":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        msg = f"{option} must be a positive number of seconds or 'none', got {text!r}"
+        raise usage.UsageError(msg)
+    return seconds
+
+
 @implementer(IServiceMaker, IPlugin)
 class DesperadosServiceMaker:
     """
@@ -174,7 +206,10 @@ class DesperadosServiceMaker:
 
         tls = options["tls"]
         site = make_site(
-            options["plug"], reactor=reactor, compress=not options["no-compress"]
+            options["plug"],
+            reactor=reactor,
+            compress=not options["no-compress"],
+            response_timeout=options["response-timeout"],
         )
         if options["listen"]:
             endpoints = [
@@ -185,7 +220,11 @@ class DesperadosServiceMaker:
                 make_endpoint(reactor, port=options["port"], ip=options["ip"], tls=tls)
             ]
         return DesperadosService(
-            site, endpoints, plug_name=options["plug"], startup_log=startup_level
+            site,
+            endpoints,
+            plug_name=options["plug"],
+            startup_log=startup_level,
+            drain_timeout=options["drain-timeout"],
         )
 
 
@@ -209,6 +248,9 @@ def _make_worker_pool(options: Options, reactor: Any, startup_level: Any) -> Any
         wrap_haproxy=haproxy,
         plug_name=options["plug"],
         startup_log=startup_level,
+        # A worker drains for up to --drain-timeout after it stops accepting;
+        # the margin covers its accept grace and its exit.
+        stop_timeout=options["drain-timeout"] + 10.0,
         reactor=reactor,
     )
 

@@ -1,0 +1,141 @@
+"""
+Graceful stop of a Site: finish the requests in flight, close the rest.
+
+Twisted's reactor drops every open connection when it shuts down.  A server
+that stops without losing requests has to do the work itself, after it has
+stopped listening: close idle keep-alive connections, let requests in flight
+finish with C{connection: close}, send HTTP/2 GOAWAY, close WebSockets with
+1001 Going Away, and cut whatever is still open when the drain timeout ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.web._http2 import H2Connection
+from twisted.web.http import HTTPChannel
+
+from desperados._logging import observer as log_observer
+from desperados.channel import HTTPChannelSelector
+from desperados.websocket import WebSocketBridge
+
+DEFAULT_DRAIN_TIMEOUT = 15.0
+
+log = Logger(namespace="desperados.drain", observer=log_observer)
+
+
+def drain_connections(
+    http: Iterable[HTTPChannelSelector],
+    websockets: WebSocketBridge,
+    *,
+    timeout: float,
+    reactor: Any,
+) -> Deferred[None]:
+    """
+    Close every connection gracefully, cutting those still open after C{timeout}.
+
+    The caller stops listening first and stops new requests from being kept
+    alive or upgraded (see C{PlugResource.draining}).
+
+    :param http: the open HTTP connections.
+    :param websockets: the bridge that holds the open WebSocket connections.
+    :param timeout: seconds to wait before the remaining connections are
+        aborted.
+    :param reactor: the reactor for the timeout.
+    :returns: a Deferred that fires once every connection is closed.
+    """
+    http = list(http)
+    log.info(
+        "draining {http} HTTP and {websockets} WebSocket connections "
+        "for at most {timeout} s",
+        http=len(http),
+        websockets=len(websockets.connections),
+        timeout=timeout,
+    )
+
+    waits: list[Deferred[Any]] = []
+    for protocol in http:
+        waits.append(protocol.when_closed())
+        _drain_http(protocol)
+    waits.append(websockets.shutdown())
+
+    done: Deferred[None] = Deferred()
+    everything_closed = DeferredList(waits, consumeErrors=True)
+
+    def cut_the_rest() -> None:
+        open_http = [protocol for protocol in http if protocol.tracked]
+        open_websockets = list(websockets.connections)
+        log.warn(
+            "drain timed out after {timeout} s: aborting {http} HTTP and "
+            "{websockets} WebSocket connections",
+            timeout=timeout,
+            http=len(open_http),
+            websockets=len(open_websockets),
+        )
+        transports = [protocol._channel.transport for protocol in open_http]
+        transports += [websocket.transport for websocket in open_websockets]
+        for transport in transports:
+            if transport is not None:
+                transport.abortConnection()
+
+    timer = reactor.callLater(timeout, cut_the_rest)
+
+    def finished(_: object) -> None:
+        if timer.active():
+            timer.cancel()
+        log.info("drained all connections")
+        done.callback(None)
+
+    everything_closed.addCallback(finished)
+    return done
+
+
+def _drain_http(protocol: HTTPChannelSelector) -> None:
+    channel = protocol._channel
+    if isinstance(channel, HTTPChannel):
+        _drain_http1(channel)
+    elif isinstance(channel, H2Connection):
+        _drain_h2(channel)
+    elif protocol.transport is not None:
+        protocol.transport.loseConnection()
+
+
+def _drain_http1(channel: HTTPChannel) -> None:
+    if not channel.requests:
+        # Idle keep-alive, or a request head still arriving: RFC 9112
+        # section 9.6 lets a server close such a connection at any time, and
+        # clients retry requests it had not started.
+        channel.loseConnection()
+        return
+    # NOTE: HTTPChannel recomputes persistent once a request body is
+    # complete; PlugResource sets it again when it renders during a drain.
+    channel.persistent = False
+    for request in channel.requests:
+        if not request.startedWriting:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+def _drain_h2(channel: H2Connection) -> None:
+    # hyper-h2's close_connection() moves its state machine to CLOSED, after
+    # which the responses still in flight could not be sent.  RFC 9113
+    # section 6.8 allows a GOAWAY while streams finish, so write the frame
+    # ourselves, naming the last stream this server will answer, and close
+    # for real once those streams are done.
+    last_stream_id = channel.conn.highest_inbound_stream_id
+    channel.transport.write(GoAwayFrame(0, last_stream_id=last_stream_id).serialize())
+
+    streams = list(channel._streamCleanupCallbacks.values())
+
+    def close(_: object) -> None:
+        transport = channel.transport
+        if transport is None:
+            return
+        channel.conn.close_connection(last_stream_id=last_stream_id)
+        transport.write(channel.conn.data_to_send())
+        transport.loseConnection()
+
+    DeferredList(streams, consumeErrors=True).addCallback(close)

@@ -1,0 +1,215 @@
+"""
+Graceful stop over real loopback sockets: requests finish, WebSockets get 1001.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import pytest_twisted
+from processes import TwistdProcess
+from support import close_payload, connect, open_websocket, upgrade_request
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from desperados import Builder, start_link
+from desperados.endpoints import Websocket
+from desperados.plugs import Websocket as DetectWebsocket
+
+TEXT, CLOSE = 0x1, 0x8
+GET_SLOW = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+GET_FAST = b"GET /fast HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+class Waiting:
+    """
+    A plug that holds C{/slow} requests until the test releases them.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[None]] = []
+        self.arrived: Deferred[None] = Deferred()
+
+    def __call__(self, conn, opts):
+        if conn.request_path != "/slow":
+            return conn.send_resp(200, b"fast").halt()
+        release: Deferred[None] = Deferred()
+        self.pending.append(release)
+        arrived, self.arrived = self.arrived, Deferred()
+        arrived.callback(None)
+        return release.addCallback(lambda _: conn.send_resp(200, b"done").halt())
+
+    def release_all(self) -> None:
+        for release in self.pending:
+            if not release.called:
+                release.callback(None)
+
+
+async def _requests_in_flight(server, count: int) -> None:
+    # Wait until the server has parsed C{count} request heads.
+    while True:
+        protocols = server.site.connections.values()
+        if sum(len(protocol._channel.requests) for protocol in protocols) >= count:
+            return
+        await deferLater(reactor, 0.01)
+
+
+async def _start(plug, **options):
+    pipeline = Builder([DetectWebsocket, Websocket, plug])
+    return await start_link(
+        pipeline, port=0, ip="127.0.0.1", reactor=reactor, startup_log=None, **options
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_finishes_request_and_closes_websocket(logs):
+    waiting = Waiting()
+    server = await _start(waiting)
+    port = server.getHost().port
+    idle = await connect(port)
+    idle.send(GET_FAST)
+    await idle.read_response()
+    busy = await connect(port)
+    busy.send(GET_SLOW)
+    await waiting.arrived
+    websocket, upgraded = await open_websocket(port)
+
+    stopped = server.stop(drain_timeout=30)
+    await idle.wait_closed()
+    close_frame = await websocket.read_frame()
+    websocket.send_frame(CLOSE, close_payload(1001))
+    await websocket.wait_closed()
+    assert not stopped.called
+    waiting.release_all()
+    response = await busy.read_response()
+    await busy.wait_closed()
+    await stopped
+
+    assert upgraded.status == 101
+    assert idle.buffer == b""
+    assert close_frame == (CLOSE, close_payload(1001, b"server shutdown"))
+    assert response.status == 200
+    assert response.body == b"done"
+    assert response.header("connection") == "close"
+    [draining] = logs.with_format("draining {http} HTTP")
+    assert draining["http"] == 2
+    assert draining["websockets"] == 1
+    assert len(logs.with_format("drained all connections")) == 1
+    assert logs.with_format("drain timed out") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_aborts_connections_after_drain_timeout(logs):
+    waiting = Waiting()
+    server = await _start(waiting)
+    port = server.getHost().port
+    busy = await connect(port)
+    busy.send(GET_SLOW)
+    await waiting.arrived
+    websocket, _ = await open_websocket(port)
+
+    await server.stop(drain_timeout=0.1)
+    await busy.wait_closed()
+    await websocket.wait_closed()
+
+    assert busy.buffer == b""
+    [timed_out] = logs.with_format("drain timed out")
+    assert timed_out["http"] == 1
+    assert timed_out["websockets"] == 1
+    assert waiting.pending[0].called
+    assert logs.with_format("did not finish") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_during_drain_close_and_upgrades_get_503(logs):
+    waiting = Waiting()
+    server = await _start(waiting)
+    port = server.getHost().port
+    first = await connect(port)
+    first.send(GET_SLOW)
+    await waiting.arrived
+    second = await connect(port)
+    # The request head is complete but its body is not, so the drain sees a
+    # request in flight; it renders once the body arrives.
+    second.send(
+        b"POST /fast HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nx"
+    )
+    upgrading = await connect(port)
+    upgrading.send(upgrade_request("/chat")[:-2] + b"Content-Length: 1\r\n\r\n")
+    await _requests_in_flight(server, 3)
+
+    stopped = server.stop(drain_timeout=30)
+    second.send(b"y")
+    answered = await second.read_response()
+    await second.wait_closed()
+    upgrading.send(b"z")
+    refused = await upgrading.read_response()
+    await upgrading.wait_closed()
+    waiting.release_all()
+    await first.read_response()
+    await stopped
+
+    assert answered.status == 200
+    assert answered.header("connection") == "close"
+    assert refused.status == 503
+    assert refused.header("connection") == "close"
+    assert refused.body == b"server is shutting down"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_without_connections_fires(logs):
+    server = await _start(Waiting())
+
+    await server.stop()
+
+    [draining] = logs.with_format("draining {http} HTTP")
+    assert draining["http"] == 0
+    assert draining["websockets"] == 0
+    assert server.ports == []
+
+
+@pytest.mark.parametrize("signal_name", ["TERM", "INT"])
+@pytest_twisted.ensureDeferred
+async def test_twistd_drains_on_signal(signal_name):
+    drain_timeout = 10
+    process = await TwistdProcess.start(
+        "--listen=tcp:0:interface=127.0.0.1",
+        "--plug=apps.SlowApp",
+        f"--drain-timeout={drain_timeout}",
+        env={"SLOW_SECONDS": "1"},
+    )
+    try:
+        port = process.port()
+        websocket, upgraded = await open_websocket(port)
+        busy = await connect(port)
+        busy.send(GET_SLOW)
+        await process.wait_for("slow request started")
+
+        process.signal(signal_name)
+        close_frame = await websocket.read_frame()
+        websocket.send_frame(CLOSE, close_payload(1001))
+        response = await busy.read_response()
+        await busy.wait_closed()
+        await _with_timeout(process.ended, drain_timeout + 5)
+    finally:
+        process.kill()
+
+    assert upgraded.status == 101
+    assert close_frame == (CLOSE, close_payload(1001, b"server shutdown"))
+    assert response.status == 200
+    assert response.body == b"done"
+    assert response.header("connection") == "close"
+    # twistd re-raises the signal that stopped it once the reactor is done.
+    assert process.exit_signal == getattr(signal, f"SIG{signal_name}")
+    assert process.stderr == b""
+    [draining] = process.with_format("draining {http} HTTP")
+    assert draining["http"] == 1
+    assert draining["websockets"] == 1
+    assert process.with_format("drained all connections")
+    assert process.with_format("drain timed out") == []
+
+
+async def _with_timeout(deferred: Deferred, seconds: float):
+    return await deferred.addTimeout(seconds, reactor)
