@@ -8,6 +8,8 @@ import signal
 
 import pytest
 import pytest_twisted
+from http2_support import H2Client, connect_protocol
+from hyperframe.frame import Frame, GoAwayFrame
 from processes import TwistdProcess
 from support import close_payload, connect, open_websocket, upgrade_request
 from twisted.internet import reactor
@@ -213,3 +215,57 @@ async def test_twistd_drains_on_signal(signal_name):
 
 async def _with_timeout(deferred: Deferred, seconds: float):
     return await deferred.addTimeout(seconds, reactor)
+
+
+class _GoAwayTolerantClient(H2Client):
+    """
+    An HTTP/2 client that reads responses after a graceful GOAWAY.
+
+    hyper-h2 4.x closes its connection state machine on GOAWAY and then
+    rejects the frames of streams that the server still answers, which
+    RFC 9113 section 6.8 allows; GOAWAY frames are recorded but kept from it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unparsed = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._record_frames(data)
+        self._unparsed += data
+        forwarded = b""
+        while len(self._unparsed) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(self._unparsed[:9]))
+            if len(self._unparsed) < 9 + length:
+                break
+            raw, self._unparsed = self._unparsed[: 9 + length], self._unparsed[9 + length :]
+            if not isinstance(frame, GoAwayFrame):
+                forwarded += raw
+        for event in self.conn.receive_data(forwarded):
+            self._handle(event)
+        self.flush()
+        self._wake()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_sends_goaway_and_finishes_http2_streams():
+    waiting = Waiting()
+    server = await _start(waiting)
+    client = await connect_protocol(server.getHost().port, _GoAwayTolerantClient())
+    slow = client.request("/slow")
+    await waiting.arrived
+
+    stopped = server.stop(drain_timeout=30)
+    await client.wait_for(lambda: client.frames_of(GoAwayFrame))
+    [goaway] = client.frames_of(GoAwayFrame)
+    waiting.release_all()
+    response = await client.response(slow)
+    await client.wait_closed()
+    await stopped
+
+    assert goaway.last_stream_id == slow
+    assert goaway.error_code == 0
+    assert response.status == 200
+    assert response.body == b"done"
+    final = client.frames_of(GoAwayFrame)[-1]
+    assert final.last_stream_id == slow
