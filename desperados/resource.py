@@ -4,11 +4,12 @@ PlugResource: the twisted.web resource that runs a plug pipeline.
 
 from __future__ import annotations
 
+import inspect
 from time import perf_counter
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
@@ -96,7 +97,10 @@ class PlugResource(Resource):
     ):
         super().__init__()
         if response_timeout is not None and response_timeout <= 0:
-            msg = f"expected a positive response_timeout or None, got {response_timeout!r}"
+            msg = (
+                "expected a positive response_timeout or None, "
+                f"got {response_timeout!r}"
+            )
             raise ValueError(msg)
         self.compression = compression_option(compress)
         self._plug = compile_plug((plug, opts))
@@ -123,6 +127,10 @@ class PlugResource(Resource):
             self._fail(Failure(), request, conn)
             return NOT_DONE_YET
 
+        if inspect.isawaitable(result) and not isinstance(result, Deferred):
+            # A Builder turns its plugs' coroutines into Deferreds, but a
+            # single plug mounted on its own returns its coroutine as is.
+            result = ensureDeferred(_awaited(result))
         if isinstance(result, Deferred) and not result.called:
             self._wait(result, request, conn)
         elif isinstance(result, Deferred):
@@ -362,6 +370,10 @@ def _observe_upgrade(request: Request, conn: Conn) -> None:
     site = getattr(request.channel, "site", None)
     if getattr(site, "emits_connection_events", False):
         telemetry.emit("http.connection.upgrade")
+async def _awaited(awaitable: Any) -> object:
+    return await awaitable
+
+
 def _close_after_response(request: Request) -> None:
     if request.clientproto != _HTTP2:
         request.channel.persistent = False

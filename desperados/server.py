@@ -141,7 +141,11 @@ def make_site(
     """
     return DesperadosSite(
         PlugResource(
-            plug, opts, reactor=reactor, compress=compress, response_timeout=response_timeout
+            plug,
+            opts,
+            reactor=reactor,
+            compress=compress,
+            response_timeout=response_timeout,
         ),
         reactor=reactor,
     )
@@ -304,7 +308,11 @@ def start_link(
     tls = tls_options(scheme, certfile, keyfile)
     endpoint = make_endpoint(reactor, port=port, ip=ip, listen=listen, tls=tls)
     site = make_site(
-        plug, opts, reactor=reactor, compress=compress, response_timeout=response_timeout
+        plug,
+        opts,
+        reactor=reactor,
+        compress=compress,
+        response_timeout=response_timeout,
     )
     plug_name = plug if isinstance(plug, str) else site.plug_resource._plug.name
 
@@ -319,7 +327,8 @@ def start_link(
 def _stop_listening(ports: Sequence[IListeningPort]) -> Deferred[object]:
     stopping = [port.stopListening() for port in ports]
     for port in ports:
-        log.info("stopped listening at {address}", address=format_address(port.getHost()))
+        address = format_address(port.getHost())
+        log.info("stopped listening at {address}", address=address)
     return DeferredList([d for d in stopping if d is not None])
 
 

@@ -63,7 +63,9 @@ def twistd_command(*options: str) -> tuple[list[str], dict[str, str]]:
     :param options: options of the desperados plugin.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(TESTS), env.get("PYTHONPATH")])
+    )
     command = [
         str(Path(sys.executable).with_name("twistd")),
         "--nodaemon",

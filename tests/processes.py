@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import signal
 
+from apps import twistd_command
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
-
-from apps import twistd_command
 
 
 class TwistdProcess(ProcessProtocol):
@@ -32,7 +31,9 @@ class TwistdProcess(ProcessProtocol):
         self._waiting: list[tuple[str, Deferred[dict]]] = []
 
     @classmethod
-    async def start(cls, *options: str, env: dict[str, str] | None = None) -> TwistdProcess:
+    async def start(
+        cls, *options: str, env: dict[str, str] | None = None
+    ) -> TwistdProcess:
         """
         Start twistd with the plugin C{options} and wait for its startup line.
         """
@@ -54,7 +55,11 @@ class TwistdProcess(ProcessProtocol):
         """
         Return the events whose log_format contains C{fragment}.
         """
-        return [event for event in self.events if fragment in (event.get("log_format") or "")]
+        return [
+            event
+            for event in self.events
+            if fragment in (event.get("log_format") or "")
+        ]
 
     def wait_for(self, fragment: str) -> Deferred[dict]:
         """

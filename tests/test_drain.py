@@ -135,9 +135,7 @@ async def test_requests_during_drain_close_and_upgrades_get_503(logs):
     second = await connect(port)
     # The request head is complete but its body is not, so the drain sees a
     # request in flight; it renders once the body arrives.
-    second.send(
-        b"POST /fast HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nx"
-    )
+    second.send(b"POST /fast HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nx")
     upgrading = await connect(port)
     upgrading.send(upgrade_request("/chat")[:-2] + b"Content-Length: 1\r\n\r\n")
     await _requests_in_flight(server, 3)
@@ -238,7 +236,10 @@ class _GoAwayTolerantClient(H2Client):
             frame, length = Frame.parse_frame_header(memoryview(self._unparsed[:9]))
             if len(self._unparsed) < 9 + length:
                 break
-            raw, self._unparsed = self._unparsed[: 9 + length], self._unparsed[9 + length :]
+            raw, self._unparsed = (
+                self._unparsed[: 9 + length],
+                self._unparsed[9 + length :],
+            )
             if not isinstance(frame, GoAwayFrame):
                 forwarded += raw
         for event in self.conn.receive_data(forwarded):

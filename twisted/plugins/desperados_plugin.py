@@ -101,9 +101,14 @@ class Options(usage.Options):
             msg = f"--log-level must be one of {', '.join(_LOG_LEVELS)}, got {self['log-level']!r}"
             raise usage.UsageError(msg)
         if self["drain-timeout"] < 0:
-            msg = f"--drain-timeout must be 0 or more seconds, got {self['drain-timeout']!r}"
+            msg = (
+                "--drain-timeout must be 0 or more seconds, "
+                f"got {self['drain-timeout']!r}"
+            )
             raise usage.UsageError(msg)
-        self["response-timeout"] = _parse_timeout("--response-timeout", self["response-timeout"])
+        self["response-timeout"] = _parse_timeout(
+            "--response-timeout", self["response-timeout"]
+        )
         startup = self["startup-log"]
         if startup != "false" and startup not in _LOG_LEVELS:
             msg = f"--startup-log must be 'false' or one of {', '.join(_LOG_LEVELS)}, got {startup!r}"
