@@ -347,7 +347,8 @@ class Server:
     """
     A running server, as returned by L{start_link}: its Site and its ports.
 
-    :ivar site: the L{DesperadosSite} serving the pipeline.
+    :ivar site: the L{DesperadosSite} serving the pipeline; also
+        C{factory}, the name that Twisted's listening ports give it.
     :ivar ports: the listening ports.
     :ivar drain_timeout: the default timeout of L{stop}, in seconds.
     """
@@ -360,6 +361,7 @@ class Server:
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     ) -> None:
         self.site = site
+        self.factory = site
         self.ports = list(ports)
         self.drain_timeout = drain_timeout
 
