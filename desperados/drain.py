@@ -42,7 +42,7 @@ def drain_connections(
     alive or upgraded (see C{PlugResource.draining}).
 
     :param http: the open HTTP connections.
-    :param websockets: the bridge that holds the open WebSocket connections.
+    :param websockets: the bridge that tracks the open WebSocket connections.
     :param timeout: seconds to wait before the remaining connections are
         aborted.
     :param reactor: the reactor for the timeout.
@@ -123,7 +123,7 @@ def _drain_h2(channel: H2Connection) -> None:
     # hyper-h2's close_connection() moves its state machine to CLOSED, after
     # which the responses still in flight could not be sent.  RFC 9113
     # section 6.8 allows a GOAWAY while streams finish, so write the frame
-    # ourselves, naming the last stream this server will answer, and close
+    # ourselves, naming the last stream this server will respond to, and close
     # for real once those streams are done.
     last_stream_id = channel.conn.highest_inbound_stream_id
     channel.transport.write(GoAwayFrame(0, last_stream_id=last_stream_id).serialize())
