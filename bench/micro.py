@@ -1,0 +1,166 @@
+"""
+CPU cost of one HTTP request and one WebSocket echo, in process, no sockets.
+
+    bench/.venv/bin/python bench/micro.py [--profile CASE]
+
+Each case feeds exact bytes to a server protocol on a
+C{twisted.internet.testing.StringTransport} and times it with
+C{time.process_time}, so the figure is the server's own CPU time per request
+or message and moves much less than a loopback benchmark when other
+processes share the machine.  Cases run for desperados and for the
+hand-written twisted.web and Autobahn code in bench/servers/twisted_web.py.
+C{--profile CASE} prints a cProfile of one case instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "servers"))
+
+import twisted_web  # noqa: E402
+
+from desperados.server import make_site  # noqa: E402
+
+REQUEST = (
+    b"GET /some/path?x=1 HTTP/1.1\r\n"
+    b"Host: 127.0.0.1:8082\r\n"
+    b"User-Agent: micro\r\n"
+    b"Accept: */*\r\n"
+    b"\r\n"
+)
+UPGRADE = (
+    b"GET /bench HTTP/1.1\r\n"
+    b"Host: 127.0.0.1:8082\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    b"\r\n"
+)
+MASK = b"\x11\x22\x33\x44"
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    length = len(payload)
+    if length < 126:
+        head = bytes([0x81, 0x80 | length])
+    elif length < 65536:
+        head = bytes([0x81, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + length.to_bytes(8, "big")
+    masked = bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
+    return head + MASK + masked
+
+
+def sites() -> dict[str, object]:
+    return {
+        "desperados": make_site(),
+        "twisted": twisted_web.QuietSite(twisted_web.NotFound()),
+        "autobahn": twisted_web.QuietSite(twisted_web.NotFoundOrWebSocket()),
+    }
+
+
+def connect(site: object) -> tuple[object, StringTransport]:
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8082),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+    )
+    protocol = site.buildProtocol(transport.getPeer())
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def http_case(site: object, count: int) -> float:
+    """
+    Seconds of CPU per keep-alive request answered with 404.
+    """
+    protocol, transport = connect(site)
+    start = time.process_time()
+    for index in range(count):
+        protocol.dataReceived(REQUEST)
+        if index % 64 == 0:
+            if not transport.value().startswith(b"HTTP/1.1 404"):
+                raise RuntimeError(f"unexpected answer: {transport.value()[:200]!r}")
+            transport.clear()
+    elapsed = time.process_time() - start
+    transport.loseConnection()
+    return elapsed / count
+
+
+def websocket_case(site: object, size: int, count: int) -> float:
+    """
+    Seconds of CPU per echoed text message of C{size} bytes.
+    """
+    protocol, transport = connect(site)
+    protocol.dataReceived(UPGRADE)
+    if not transport.value().startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"upgrade failed: {transport.value()[:300]!r}")
+    transport.clear()
+    websocket = transport.protocol
+    frame = masked_text_frame(b"x" * size)
+    expected = len(frame) - 4  # the echo is not masked
+    start = time.process_time()
+    for index in range(count):
+        websocket.dataReceived(frame)
+        if index % 64 == 0:
+            if len(transport.value()) != expected:
+                raise RuntimeError(f"unexpected echo: {transport.value()[:100]!r}")
+        transport.clear()
+    return (time.process_time() - start) / count
+
+
+CASES = {
+    "http": (("desperados", "twisted", "autobahn"), lambda site, n: http_case(site, n), 4000),
+    "ws16": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16, n), 8000),
+    "ws16k": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16384, n), 3000),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", help="cProfile one case, such as desperados:ws16")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per case; the median is shown")
+    args = parser.parse_args()
+    all_sites = sites()
+
+    if args.profile:
+        name, _, case = args.profile.partition(":")
+        _, run, count = CASES[case]
+        run(all_sites[name], count // 4)
+        profile = cProfile.Profile()
+        profile.runcall(run, all_sites[name], count)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(35)
+        return 0
+
+    print(f"pid {os.getpid()}, {args.rounds} rounds, median microseconds of CPU")
+    for case, (names, run, count) in CASES.items():
+        figures = {}
+        for name in names:
+            run(all_sites[name], count // 4)  # warm up
+        rounds = {name: [] for name in names}
+        for _ in range(args.rounds):
+            for name in names:
+                rounds[name].append(run(all_sites[name], count) * 1e6)
+        for name in names:
+            figures[name] = statistics.median(rounds[name])
+        base_name = "twisted" if case == "http" else "autobahn"
+        base = figures[base_name]
+        text = ", ".join(f"{name} {value:.1f}" for name, value in figures.items())
+        print(f"{case:6} {text}; desperados/{base_name} {figures['desperados'] / base:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
