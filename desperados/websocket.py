@@ -57,6 +57,10 @@ _INVALID_IN_HEADER_VALUE = frozenset(
     [chr(code) for code in range(0x20) if code != 0x09] + ["\x7f", "\x85"]
 )
 
+# What Autobahn's UTF-8 validators return: valid so far, ends on a code point
+# boundary, and the octet index in this chunk and in the whole message.
+_Utf8State = tuple[bool, bool, int, int]
+
 # Marks a callback that takes only the state (init), since a handle_info
 # message may itself be None.
 _STATE_ONLY = object()
@@ -97,6 +101,36 @@ class HandlerProtocol(WebSocketServerProtocol):
         # skip it and record activity for the idle timeout instead.
         self._last_received = self.bridge.reactor.seconds()
         self._dataReceived(data)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.utf8validator = _WholeMessageUtf8Validator(self, self.utf8validator)
+
+    # Autobahn fast paths: each override below keeps upstream's behaviour and
+    # leaves out work that upstream does on every frame for nothing.
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn 26.11's sendData formats a debug message with terminal
+        # colours (click.style) on every write, even with debug logging off:
+        # about a sixth of the CPU time of a small echo.  Writes on an open
+        # connection that Autobahn would pass straight to the transport go
+        # there here too; queued, chopped and logged writes use Autobahn's.
+        if sync or chopsize or self.send_queue or self.logOctets or self.state != self.STATE_OPEN:
+            super().sendData(data, sync, chopsize)
+            return
+        self.transport.write(data)
+        self.trafficStats.outgoingOctetsWireLevel += len(data)
+
+    def onMessageEnd(self) -> None:
+        # Autobahn 26.11's onMessageEnd also fires its "message" event for
+        # listeners added with .on(), which allocates a Deferred per message
+        # even when nothing listens, as here.
+        if self._listeners is not None or self._parent is not None:
+            super().onMessageEnd()
+            return
+        if not self.failedByMe:
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
 
     def onConnect(self, request: Any) -> tuple[str | None, dict[str, str]]:
         # Autobahn sends the Sec-WebSocket-Protocol header for the returned
@@ -514,6 +548,50 @@ def _make_factory(options: WebSocketOptions) -> WebSocketServerFactory:
         perMessageCompressionAccept=accept_deflate if options.compress else None,
     )
     return factory
+
+
+class _WholeMessageUtf8Validator:
+    """
+    Autobahn's incremental UTF-8 validator with a shortcut for whole messages.
+
+    Autobahn 26.11 checks every text payload with its incremental validator,
+    which ran at about 430 MB/s on the project's 2-core benchmark machine
+    (38 microseconds per 16 KiB) where C{bytes.decode} took about 1.3.  A
+    frame that is a whole text message, read in one piece, is checked here
+    with one C{decode}.  A fragmented message, or a frame that arrives over
+    several reads, keeps the incremental check, so invalid UTF-8 still fails
+    the connection before the rest of the message arrives (RFC 6455 section
+    8.1); an invalid whole message goes to the incremental validator too, for
+    its error position.
+    """
+
+    __slots__ = ("_incremental", "_protocol", "_started")
+
+    def __init__(self, protocol: WebSocketServerProtocol, incremental: Any) -> None:
+        self._protocol = protocol
+        self._incremental = incremental
+        self._started = False
+
+    def reset(self) -> None:
+        self._incremental.reset()
+        self._started = False
+
+    def validate(self, payload: bytes) -> _Utf8State:
+        started, self._started = self._started, True
+        frame = self._protocol.current_frame
+        if (
+            not started
+            and frame.fin
+            and frame.opcode == 1
+            and self._protocol.current_frame_masker.pointer() == frame.length
+        ):
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                return True, True, len(payload), len(payload)
+        return self._incremental.validate(payload)
 
 
 def _has_handle_control(handler: object) -> bool:
