@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 from time import perf_counter
 from typing import Any
-from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -204,13 +203,11 @@ class PlugResource(Resource):
         uri = request.uri
         path, _, query = uri.partition(b"?")
         request_path = path.decode("latin-1")
-        prepath = request.prepath or []
-        script_name = [unquote(segment.decode("latin-1")) for segment in prepath if segment]
-        path_info = [
-            unquote(segment.decode("latin-1"))
-            for segment in (request.postpath or [])
-            if segment
-        ]
+        # twisted.web's Request.process has already percent-decoded each
+        # segment of prepath and postpath; decoding again would turn %2541
+        # into A instead of %41.
+        script_name = [segment.decode("latin-1") for segment in request.prepath or () if segment]
+        path_info = [segment.decode("latin-1") for segment in request.postpath or () if segment]
         client = request.getClientAddress()
 
         conn = Conn(

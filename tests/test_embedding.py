@@ -131,6 +131,18 @@ async def test_start_link_then_stop():
         await connect(port)
 
 
+@pytest_twisted.ensureDeferred
+async def test_path_segments_decoded_once():
+    listening = await start_link(App, port=0, ip="127.0.0.1", startup_log=None)
+    port = listening.getHost().port
+
+    status, body = await _get(port, "/a%2541/b%20c/%2e%2e")
+    await listening.stopListening()
+
+    assert status == 200
+    assert json.loads(body)["path_info"] == ["a%41", "b c", ".."]
+
+
 def test_systemd_socket_activation(tmp_path: Path):
     """
     twistd gets a listening socket as fd 3 with LISTEN_FDS and LISTEN_PID,
