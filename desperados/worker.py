@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     options.parseOptions(plugin_argv)
     # This process is one of the workers; it must not start workers itself.
     options["worker-count"] = 1
+    options["reload"] = False
     service = service_maker.makeService(options, reactor=reactor)
     service.endpoints = [
         adopted_endpoint(reactor, spec, options.get("tls")) for spec in args.listen_fd

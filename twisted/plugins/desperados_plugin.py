@@ -30,6 +30,12 @@ class Options(usage.Options):
     )
 
     optFlags = [
+        [
+            "reload",
+            None,
+            "Restart the workers when a Python file of desperados or of the --plug "
+            "package changes; for development.",
+        ],
         ["no-compress", None, "Never compress responses (gzip and deflate are on)."],
     ]
 
@@ -206,7 +212,7 @@ class DesperadosServiceMaker:
         startup = options["startup-log"]
         startup_level = None if startup == "false" else LogLevel.levelWithName(startup)
 
-        if options.get("worker-count", 1) > 1:
+        if options.get("worker-count", 1) > 1 or options.get("reload"):
             return _make_worker_pool(options, reactor, startup_level)
 
         tls = options["tls"]
@@ -246,7 +252,7 @@ def _make_worker_pool(options: Options, reactor: Any, startup_level: Any) -> Any
     else:
         endpoints = [make_endpoint(reactor, port=options["port"], ip=options["ip"])]
         haproxy = [False]
-    return WorkerPool(
+    pool = WorkerPool(
         endpoints,
         options["argv"],
         options["worker-count"],
@@ -258,6 +264,24 @@ def _make_worker_pool(options: Options, reactor: Any, startup_level: Any) -> Any
         stop_timeout=options["drain-timeout"] + 10.0,
         reactor=reactor,
     )
+    if not options.get("reload"):
+        return pool
+
+    from twisted.application.service import MultiService
+
+    from desperados.reload import SourceWatcher, source_paths
+
+    # The watcher starts after the pool, so the first workers are not
+    # replaced by a change seen while they start.
+    parent = MultiService()
+    pool.setServiceParent(parent)
+    watcher = SourceWatcher(
+        source_paths(options["plug"]),
+        lambda path: pool.replace_all(f"{path} changed"),
+        reactor=reactor,
+    )
+    watcher.setServiceParent(parent)
+    return parent
 
 
 service_maker = DesperadosServiceMaker()
