@@ -1,13 +1,168 @@
 """
 HTTP/2 connections: twisted.web's H2Connection with RFC 9113 corrections.
+
+Each correction overrides one method of twisted.web's
+C{twisted.web._http2.H2Connection} (Twisted 26.10), and its comment states
+what upstream does.  The request handling itself stays Twisted's.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import h2.errors
+import h2.exceptions
+from hpack import Decoder
+from hpack.exceptions import HPACKError, OversizedHeaderListError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._http2 import _END_STREAM_SENTINEL
 from twisted.web._http2 import H2Connection as _TwistedH2Connection
+
+from desperados._logging import observer as log_observer
+
+
+class FieldBlockDecodingError(h2.exceptions.ProtocolError):
+    """
+    A header block that HPACK cannot decode, a COMPRESSION_ERROR.
+    """
+
+    error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+
+
+class _FieldBlockDecoder(Decoder):
+    # RFC 9113 section 4.3: a field block that fails to decode is a
+    # connection error of type COMPRESSION_ERROR.  h2 4.4 turns HPACK errors
+    # into a plain ProtocolError, which closes with PROTOCOL_ERROR; h2 passes
+    # a ProtocolError raised here through with its error code.
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        try:
+            return super().decode(data, raw)
+        except OversizedHeaderListError:
+            # h2 rejects a header list over its limit with ENHANCE_YOUR_CALM.
+            raise
+        except HPACKError as error:
+            msg = f"invalid HPACK field block: {error}"
+            raise FieldBlockDecodingError(msg) from error
 
 
 class H2Connection(_TwistedH2Connection):
     """
     twisted.web's HTTP/2 connection, corrected where it breaks RFC 9113.
+
+    - HPACK decoding errors close the connection with COMPRESSION_ERROR.
+    - After a connection error, GOAWAY goes out and the connection closes,
+      over TLS too.
+    - A stream whose send window is zero or negative, after DATA or after a
+      SETTINGS change, waits for WINDOW_UPDATE instead of spinning or raising.
+    - A SETTINGS change that opens the send windows resumes waiting streams.
     """
+
+    _desperados_log = Logger(observer=log_observer)
+
+    def __init__(self, reactor: Any = None) -> None:
+        super().__init__(reactor)
+        decoder = _FieldBlockDecoder()
+        decoder.max_header_list_size = self.conn.decoder.max_header_list_size
+        self.conn.decoder = decoder
+
+    # Connection errors
+
+    def _terminate(self, reason: Failure) -> None:
+        error = reason.value
+        # Upstream calls this for an h2 ProtocolError and, with a plain
+        # ConnectionLost, when the peer resets streams too fast
+        # (CVE-2023-44487), in which case it sends ENHANCE_YOUR_CALM.
+        code = getattr(error, "error_code", h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self._desperados_log.info(
+            "HTTP/2 connection error from {peer}, closing with GOAWAY {error_code}: {error}",
+            peer=_peer_of(self.transport),
+            error_code=code.name,
+            error=str(error),
+        )
+        super()._terminate(reason)
+
+    def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:
+        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
+        self._release_transport()
+
+    def timeoutConnection(self) -> None:
+        super().timeoutConnection()
+        self._release_transport()
+
+    def _release_transport(self) -> None:
+        # Upstream calls transport.loseConnection() after a connection error,
+        # an idle timeout or the peer's GOAWAY, but stays registered as the
+        # transport's producer.  TLSMemoryBIOProtocol sends close_notify and
+        # closes only once its producer unregisters, so a TLS connection
+        # stayed open after the GOAWAY until the peer gave up.
+        transport = self.transport
+        if transport is not None and transport.disconnecting:
+            transport.unregisterProducer()
+
+    # Flow control
+
+    def _sendPrioritisedData(self, *args: object) -> None:
+        # Upstream sends from whichever stream the priority tree picks.  When
+        # that stream's send window is zero, it sends nothing and calls itself
+        # again at once, so it spins until WINDOW_UPDATE arrives.  When the
+        # window is negative (RFC 9113 section 6.9.2), it slices the data
+        # wrongly and h2 raises FlowControlError, which stops the loop for
+        # good.  Blocking such streams first makes the loop wait, and
+        # _handleWindowUpdate unblocks them.
+        self._block_streams_without_window()
+        super()._sendPrioritisedData(*args)
+
+    def _block_streams_without_window(self) -> None:
+        for stream_id, queue in self._outboundStreamQueues.items():
+            if not queue or queue[0] is _END_STREAM_SENTINEL:
+                continue
+            if self.conn.local_flow_control_window(stream_id) <= 0:
+                self.priority.block(stream_id)
+
+    def _handleWindowUpdate(self, event: Any) -> None:
+        # Upstream unblocks the streams that have data queued, but does not
+        # wake the sending loop when it waits on a fully blocked tree.
+        super()._handleWindowUpdate(event)
+        self._wake_sender()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._stillProducing:
+            # After a connection error h2 is closed, and upstream would read
+            # the bytes left in the same read as another error.
+            return
+        initial_window = self.conn.remote_settings.initial_window_size
+        super().dataReceived(data)
+        # RFC 9113 section 6.9.2: SETTINGS_INITIAL_WINDOW_SIZE changes the
+        # send window of every open stream.  h2 adjusts the windows but emits
+        # no WindowUpdated event, and upstream ignores RemoteSettingsChanged,
+        # so a stream waiting for a larger window would wait forever
+        # (https://github.com/twisted/twisted/issues/9914).
+        if self._stillProducing and (
+            self.conn.remote_settings.initial_window_size != initial_window
+        ):
+            self._resume_streams()
+
+    def _resume_streams(self) -> None:
+        # What upstream does for a WINDOW_UPDATE on stream 0.
+        for stream_id, stream in list(self.streams.items()):
+            if self._outboundStreamQueues.get(stream_id):
+                self.priority.unblock(stream_id)
+            stream.windowUpdated()
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        waiting = self._sendingDeferred
+        if waiting is not None:
+            self._sendingDeferred = None
+            waiting.callback(None)
+
+
+def _peer_of(transport: Any) -> str:
+    if transport is None:
+        return "unknown"
+    peer = transport.getPeer()
+    host = getattr(peer, "host", None)
+    if host is None:
+        return str(peer)
+    return f"{host}:{peer.port}"

@@ -137,13 +137,13 @@ class H2Client(Protocol):
     def __init__(self, *, settings: dict[int, int] | None = None) -> None:
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self.conn = h2.connection.H2Connection(config=config)
-        if settings:
-            self.conn.local_settings.update(settings)
+        self.settings = settings
         self.frames: list[Frame] = []
         self.responses: dict[int, H2Response] = {}
         self.auto_window_update = True
         self.scheme = "http"
         self.closed = False
+        self.gave_up = False
         self._frame_buffer = b""
         self._raw_mode = False
         self._waiting: list[Deferred[None]] = []
@@ -152,6 +152,10 @@ class H2Client(Protocol):
 
     def connectionMade(self) -> None:
         self.conn.initiate_connection()
+        if self.settings:
+            # h2's first SETTINGS frame has the default values; changes go
+            # in a second one, which the server also reads before requests.
+            self.conn.update_settings(self.settings)
         self.flush()
 
     def dataReceived(self, data: bytes) -> None:
@@ -215,14 +219,27 @@ class H2Client(Protocol):
 
     # Waiting
 
-    async def wait_for(self, condition) -> None:
+    async def wait_for(self, condition, *, give_up_after: float = 10.0) -> None:
         """
         Wait until C{condition()} is true or the connection closes.
+
+        :param give_up_after: seconds after which a test that would otherwise
+            hang aborts the connection and fails.
+        :raises TimeoutError: if neither happened in time.
         """
-        while not condition() and not self.closed:
-            waiting: Deferred[None] = Deferred()
-            self._waiting.append(waiting)
-            await waiting
+        if condition() or self.closed:
+            return
+        timer = reactor.callLater(give_up_after, self._give_up)
+        try:
+            while not condition() and not self.closed:
+                waiting: Deferred[None] = Deferred()
+                self._waiting.append(waiting)
+                await waiting
+        finally:
+            if timer.active():
+                timer.cancel()
+        if self.gave_up:
+            raise TimeoutError(f"gave up after {give_up_after} seconds")
 
     async def response(self, stream_id: int) -> H2Response:
         """
@@ -273,6 +290,10 @@ class H2Client(Protocol):
             frame.parse_body(memoryview(self._frame_buffer[9 : 9 + length]))
             self.frames.append(frame)
             self._frame_buffer = self._frame_buffer[9 + length :]
+
+    def _give_up(self) -> None:
+        self.gave_up = True
+        self.transport.abortConnection()
 
     def _wake(self) -> None:
         waiting, self._waiting = self._waiting, []

@@ -30,7 +30,7 @@ BIG_BODY = bytes(range(256)) * 800  # 204,800 bytes: several windows' worth
 
 def _describe(conn, opts):
     """
-    Answer with the request fields that depend on the protocol.
+    Respond with the request fields that depend on the protocol.
     """
     body = f"{conn.scheme} {conn.http_version} {conn.method} {conn.request_path}"
     return conn.put_resp_header("x-host", conn.host).send_resp(200, body).halt()
@@ -138,3 +138,145 @@ async def test_http11_starting_like_preface_stays_http11(serve):
 
     assert response.version == "HTTP/1.1"
     assert response.body == b"http HTTP/1.1 PRIVATE /x"
+
+
+# Connection errors: GOAWAY with the RFC 9113 error code, then close.
+
+CONNECTION_ERRORS = {
+    # A client opens odd-numbered streams only (RFC 9113 section 5.1.1).
+    "even stream id": (
+        HeadersFrame(2, data=b"\x82\x86\x84\x41\x09localhost", flags=["END_HEADERS"]),
+        ErrorCodes.PROTOCOL_ERROR,
+    ),
+    # Section 6.5.2: an initial window above 2**31 - 1.
+    "window setting too large": (
+        SettingsFrame(0, settings={SettingCodes.INITIAL_WINDOW_SIZE: 2**31}),
+        ErrorCodes.FLOW_CONTROL_ERROR,
+    ),
+    # Section 4.3: an index past the end of the HPACK dynamic table.
+    "invalid field block": (
+        HeadersFrame(1, data=b"\xff\xff\xff\x0f", flags=["END_HEADERS", "END_STREAM"]),
+        ErrorCodes.COMPRESSION_ERROR,
+    ),
+    # Section 4.2: a frame larger than SETTINGS_MAX_FRAME_SIZE (16,384).
+    "frame too large": (
+        DataFrame(1, data=b"x" * 20000),
+        ErrorCodes.FRAME_SIZE_ERROR,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONNECTION_ERRORS))
+@pytest_twisted.ensureDeferred
+async def test_connection_error_sends_goaway_then_closes(serve, transport, logs, case):
+    frame, error_code = CONNECTION_ERRORS[case]
+    port = await serve(_describe, **_server_options(transport))
+    client = await connect_h2(port, transport)
+    await client.wait_for(lambda: client.frames_of(SettingsFrame))
+
+    client.send_raw(frame.serialize())
+    await client.wait_closed()
+
+    goaways = client.frames_of(GoAwayFrame)
+    assert len(goaways) == 1
+    assert goaways[0].error_code == error_code
+    assert client.frames[-1] is goaways[0]
+    assert client.closed
+    (event,) = logs.with_format("HTTP/2 connection error")
+    assert event["error_code"] == error_code.name
+    failures = [event for event in logs.events if event.get("log_failure")]
+    assert failures == []
+
+
+# Flow control (RFC 9113 sections 5.2 and 6.9)
+
+
+@pytest.fixture
+def send_loop_calls(monkeypatch):
+    """
+    Count the runs of the server's data-sending loop.
+    """
+    calls = []
+    original = H2Connection._sendPrioritisedData
+
+    def counting(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(H2Connection, "_sendPrioritisedData", counting)
+    return calls
+
+
+def _no_failures(logs):
+    return [event for event in logs.events if event.get("log_failure")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_zero_window_waits_without_spinning(serve, transport, logs, send_loop_calls):
+    port = await serve(_big, **_server_options(transport))
+    client = await connect_h2(port, transport, settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    await client.wait_for(lambda: client.frames_of(SettingsFrame))
+
+    stream_id = client.request("/big")
+    response = client.responses[stream_id]
+    await client.wait_for(lambda: response.headers)
+    del send_loop_calls[:]
+    await _reactor_turns(50)
+    calls_while_blocked = len(send_loop_calls)
+    client.conn.increment_flow_control_window(len(BIG_BODY), stream_id)
+    client.flush()
+    await client.response(stream_id)
+    client.transport.loseConnection()
+
+    # A loop that polls the window runs once per reactor turn.
+    assert calls_while_blocked <= 2
+    assert response.body == BIG_BODY
+    assert _no_failures(logs) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_settings_drive_window_negative(serve, transport, logs):
+    port = await serve(_big, **_server_options(transport))
+    client = await connect_h2(port, transport)
+    client.auto_window_update = False
+
+    stream_id = client.request("/big")
+    response = client.responses[stream_id]
+    await client.wait_for(lambda: len(response.body) == 65535)
+    # The stream's send window is 0; lowering the initial window by 49,151
+    # makes it -49,151 (RFC 9113 section 6.9.2).
+    client.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 16384})
+    client.conn.increment_flow_control_window(len(BIG_BODY))
+    client.flush()
+    await _reactor_turns(20)
+    received_while_negative = len(response.body)
+    client.conn.increment_flow_control_window(49151 + 16384, stream_id)
+    client.flush()
+    await client.wait_for(lambda: len(response.body) == 65535 + 16384)
+    client.auto_window_update = True
+    client.conn.increment_flow_control_window(len(BIG_BODY), stream_id)
+    client.flush()
+    await client.response(stream_id)
+    client.transport.loseConnection()
+
+    assert received_while_negative == 65535
+    assert response.body == BIG_BODY
+    assert _no_failures(logs) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_settings_opening_window_resume_stream(serve, transport, logs):
+    port = await serve(_big, **_server_options(transport))
+    client = await connect_h2(port, transport, settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    await client.wait_for(lambda: client.frames_of(SettingsFrame))
+
+    stream_id = client.request("/big")
+    response = client.responses[stream_id]
+    await client.wait_for(lambda: response.headers)
+    client.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+    client.flush()
+    await client.response(stream_id)
+    client.transport.loseConnection()
+
+    assert response.body == BIG_BODY
+    assert _no_failures(logs) == []

@@ -20,7 +20,7 @@ TEXT, CLOSE = 0x1, 0x8
 
 def _describe(conn, opts):
     """
-    Answer with the request fields that depend on the transport.
+    Respond with the request fields that depend on the transport.
     """
     body = f"{conn.scheme} {conn.http_version} {conn.method} {conn.request_path}"
     return conn.send_resp(200, body).halt()
