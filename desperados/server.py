@@ -29,6 +29,7 @@ from desperados.builder import PlugSpec
 from desperados.channel import HTTPChannelSelector, build_channel
 from desperados.compression import Compression
 from desperados.drain import DEFAULT_DRAIN_TIMEOUT, drain_connections
+from desperados.http1 import ConnectionLimit, HTTPOptions
 from desperados.resource import DEFAULT_RESPONSE_TIMEOUT, PlugResource
 from desperados.tls import TLSServerEndpoint, certificate_options
 
@@ -50,19 +51,40 @@ class DesperadosSite(Site):
     The Site keeps its open HTTP connections so that L{drain} can close them
     gracefully.
 
+    :param resource: the resource that serves every request.
+    :param http_options: limits and timeouts of the connections; the
+        defaults of L{HTTPOptions} when None.
     :ivar connections: the open HTTP connections, by their first channel
         (see L{desperados.channel.HTTPChannelSelector.track}).
+    :ivar connection_limit: the count of open connections, and their limit.
     """
 
     emits_connection_events = True
     protocol = build_channel
 
-    def __init__(self, resource: PlugResource, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resource: PlugResource,
+        *,
+        http_options: HTTPOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options = http_options or HTTPOptions()
+        # The Site's timeout is the idle timeout of HTTP/2 connections;
+        # desperados' HTTP/1.1 channel keeps its own deadlines.
+        kwargs.setdefault("timeout", options.keepalive_timeout)
         super().__init__(resource, **kwargs)
         self.plug_resource = resource
         self.connections: dict[HTTPChannel, HTTPChannelSelector] = {}
+        self.http_options = options
+        self.connection_limit = ConnectionLimit(
+            options.max_connections, self.reactor, options.linger_timeout
+        )
 
     def buildProtocol(self, addr: Any) -> Any:
+        return self.connection_limit.build(self._build_http_protocol, addr)
+
+    def _build_http_protocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)
         if isinstance(protocol, HTTPChannelSelector):
             protocol.track(self.connections)
@@ -129,6 +151,7 @@ def make_site(
     reactor: Any = None,
     compress: bool | Compression = True,
     response_timeout: float | None = DEFAULT_RESPONSE_TIMEOUT,
+    http_options: HTTPOptions | None = None,
 ) -> DesperadosSite:
     """
     Build the Site that runs C{plug} for every request.
@@ -138,6 +161,7 @@ def make_site(
     :param compress: response compression, see L{PlugResource}.
     :param response_timeout: seconds a pipeline may take before the
         request is answered with 503; None for no limit.
+    :param http_options: limits and timeouts of the connections.
     """
     return DesperadosSite(
         PlugResource(
@@ -147,6 +171,7 @@ def make_site(
             compress=compress,
             response_timeout=response_timeout,
         ),
+        http_options=http_options,
         reactor=reactor,
     )
 
@@ -269,6 +294,7 @@ def start_link(
     compress: bool | Compression = True,
     response_timeout: float | None = DEFAULT_RESPONSE_TIMEOUT,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    http_options: HTTPOptions | None = None,
 ) -> Deferred[Server]:
     """
     Start serving C{plug} and fire with the running L{Server}.
@@ -299,6 +325,8 @@ def start_link(
         request is answered with 503; None for no limit.
     :param drain_timeout: seconds that C{stop()} waits for connections to
         close before it aborts them.
+    :param http_options: limits and timeouts of the connections; the
+        defaults of L{HTTPOptions} when None.
     :raises ValueError: for bad scheme, certificate or endpoint options.
     """
     if reactor is None:
@@ -313,6 +341,7 @@ def start_link(
         reactor=reactor,
         compress=compress,
         response_timeout=response_timeout,
+        http_options=http_options,
     )
     plug_name = plug if isinstance(plug, str) else site.plug_resource._plug.name
 

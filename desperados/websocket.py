@@ -28,6 +28,7 @@ from twisted.web.http import Request
 from desperados import telemetry, websock
 from desperados._logging import observer as log_observer
 from desperados.errors import BadRequestError
+from desperados.http1 import CountedConnection
 from desperados.interfaces import IWebSockControl
 from desperados.websock import (
     Binary,
@@ -491,10 +492,15 @@ class WebSocketBridge:
         channel.transport = None
         transport.unregisterProducer()
         if isinstance(transport, ProtocolWrapper):
-            # TLS: the channel's transport is the TLSMemoryBIOProtocol.
+            # TLS or the Site's connection counter: the channel's transport
+            # is a wrapper that passes the data it receives on.
             transport.wrappedProtocol = protocol
         else:
             transport.protocol = protocol
+        if isinstance(transport, CountedConnection):
+            # The counter stays in the chain, so the connection stays
+            # counted; Autobahn gets the TLS or TCP transport under it.
+            transport = transport.transport
         protocol.makeConnection(transport)
 
         # HTTPChannel pauses reading while a request is being handled and

@@ -339,6 +339,9 @@ async def test_http_1_0_upgrade_headers_are_ignored(serve):
 async def test_line_break_character_in_header_gets_400(serve, logs, character):
     """
     A header value that str.splitlines() would split never reaches Autobahn.
+
+    The HTTP/1.1 channel rejects the control characters; 0x85 is obs-text,
+    valid in HTTP, and the WebSocket bridge rejects it.
     """
     port = await serve()
     extra = b"X-Smuggled: a" + character + b"Origin: https://evil.example\r\n"
@@ -348,9 +351,13 @@ async def test_line_break_character_in_header_gets_400(serve, logs, character):
     )
 
     assert response.status == 400
-    assert b"X-Smuggled" in response.body
+    assert response.header("connection") == "close"
     assert response.header("content-length") == str(len(response.body))
-    rejected = logs.with_format("rejected {method} {path}")
+    if character == b"\x85":
+        assert b"X-Smuggled" in response.body
+        rejected = logs.with_format("rejected {method} {path}")
+    else:
+        rejected = logs.with_format("rejected a request from {peer}")
     assert [event["status"] for event in rejected] == [400]
     autobahn_events = [
         event

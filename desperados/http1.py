@@ -1,0 +1,614 @@
+"""
+The HTTP/1.1 connection: twisted.web's HTTPChannel with limits and deadlines.
+
+L{HTTPChannel} parses requests.  L{DesperadosChannel} adds what a server on
+the open internet needs: size limits (414 and 431), a deadline for the whole
+request head (408), keep-alive and body read timeouts, a maximum number of
+requests per connection, and strict parsing of the request line and header
+fields as RFC 9112 and RFC 9110 require.  Every error response carries
+C{connection: close}, and nothing the client sends after it is parsed.
+L{ConnectionLimit} limits the number of open connections of a Site.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, datetimeToString
+
+from desperados._logging import observer as log_observer
+
+log = Logger(namespace="desperados.http1", observer=log_observer)
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPOptions:
+    """
+    Limits and timeouts of HTTP/1.1 connections.
+
+    The defaults are meant for a server on the open internet; the size limits
+    and C{max_requests} are Bandit's defaults, C{max_connections} and the
+    timeouts are those of Thousand Island, the socket layer under Bandit.
+
+    :ivar max_request_line_length: the longest request line accepted, in
+        bytes without the CRLF; longer ones get 414.
+    :ivar max_header_length: the longest header field line accepted, name
+        and value, in bytes without the CRLF; longer ones get 431.
+    :ivar max_header_count: the most header fields accepted in one request;
+        more get 431.
+    :ivar max_requests: requests served on one connection before the
+        response carries C{connection: close}; C{None} for no limit.
+    :ivar max_connections: the maximum number of open connections,
+        WebSockets included.  A new connection beyond it gets 503 and is
+        closed, and the open ones are not affected.  C{None} for no limit.
+    :ivar keepalive_timeout: seconds a connection may wait for the first
+        byte of its next request (or of its first one) before it is closed
+        without an answer; also the idle timeout of HTTP/2 connections.
+    :ivar header_timeout: seconds from the first byte of a request until
+        its head is complete; then 408.  Bytes that trickle in do not
+        extend it.
+    :ivar body_timeout: seconds without any byte of the request body while
+        the body is being received; then 408.
+    :ivar linger_timeout: seconds that a connection closed after an error
+        keeps reading and discarding input before it is aborted, so that a
+        client still sending gets the error answer instead of a TCP reset.
+    """
+
+    max_request_line_length: int = 10_000
+    max_header_length: int = 10_000
+    max_header_count: int = 50
+    max_requests: int | None = None
+    max_connections: int | None = 16_384
+    keepalive_timeout: float | None = 60.0
+    header_timeout: float | None = 60.0
+    body_timeout: float | None = 60.0
+    linger_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_request_line_length",
+            "max_header_length",
+            "max_header_count",
+        ):
+            _check_positive(name, getattr(self, name), int, optional=False)
+        for name in ("max_requests", "max_connections"):
+            _check_positive(name, getattr(self, name), int, optional=True)
+        for name in ("keepalive_timeout", "header_timeout", "body_timeout"):
+            _check_positive(name, getattr(self, name), (int, float), optional=True)
+        _check_positive(
+            "linger_timeout", self.linger_timeout, (int, float), optional=False
+        )
+
+
+def _check_positive(name: str, value: object, kind: Any, *, optional: bool) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        expected = "a positive number" if kind is not int else "a positive int"
+        if optional:
+            expected += " or None"
+        msg = f"expected {expected} for {name}, got {value!r}"
+        raise ValueError(msg)
+
+
+# Bytes allowed in a request line: visible ASCII and SP (RFC 9112 section 3).
+_REQUEST_LINE_BYTES = bytes(range(0x21, 0x7F)) + b" "
+# Bytes allowed in a header field line: HTAB, SP, visible ASCII and obs-text
+# (RFC 9110 section 5.5).  Other control characters, including the bare CR,
+# LF and NUL that twisted.web already rejects, make the request invalid.
+_FIELD_LINE_BYTES = b"\t " + bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+# RFC 9112 section 3.2 and RFC 3986 section 3.2.2: uri-host [ ":" port ].
+_HOST = re.compile(
+    rb"(\[[0-9A-Za-z:.\-_~!$&'()*+,;=]+\]|[0-9A-Za-z.\-_~!$&'()*+,;=%]*)(:[0-9]*)?"
+)
+
+# RFC 9110 section 15; twisted.web's table lacks 431 and uses older names.
+_REASON_PHRASES = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
+}
+
+# Deadline kinds: waiting for a request, reading its head, reading its body.
+_IDLE = "idle"
+_HEAD = "head"
+_BODY = "body"
+
+
+class DesperadosChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection with limits, deadlines and strict parsing.
+
+    The Site that builds it sets C{site}, whose C{http_options} (an
+    L{HTTPOptions}) it reads when the connection is made.
+
+    twisted.web's own idle timer restarts on every byte, so a client that
+    trickles a header byte at a time keeps the connection forever.  This
+    channel turns that timer off and keeps one deadline instead, which
+    bytes extend only while the body is read.
+    """
+
+    options: HTTPOptions = HTTPOptions()
+
+    _rejected = False
+    _in_head = False
+    _header_count = 0
+    _requests_received = 0
+    _deadline_kind: str | None = None
+    _deadline_at = 0.0
+    _deadline_call: Any = None
+    _abort_call: Any = None
+    _last_body_read = 0.0
+    # What twisted.web was parsing when it called
+    # _respondToBadRequestAndDisconnect, which does not say why.
+    _parsing: tuple[str, bytes] | None = None
+
+    # Connection lifecycle
+
+    def connectionMade(self) -> None:
+        site = self.site
+        self._reactor = site.reactor
+        self.options = options = getattr(site, "http_options", None) or self.options
+        self.MAX_LENGTH = max(
+            options.max_request_line_length, options.max_header_length
+        )
+        self.maxHeaders = options.max_header_count
+        self.totalHeadersSize = (
+            options.max_request_line_length
+            + options.max_header_count * options.max_header_length
+        )
+        # Turn off twisted.web's idle timer (TimeoutMixin), which restarts
+        # on every byte; the deadlines below replace it.
+        self.timeOut = None
+        super().connectionMade()
+        self._set_deadline(_IDLE, options.keepalive_timeout)
+
+    def setTimeout(self, period: float | None) -> float | None:
+        # twisted.web and the WebSocket bridge call setTimeout(None) when
+        # the connection leaves this channel (HTTP/2 after ALPN, a
+        # WebSocket hand-off) and when it is lost, so drop the deadline too.
+        if period is None:
+            self._cancel_deadline()
+        return super().setTimeout(period)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_deadline()
+        abort, self._abort_call = self._abort_call, None
+        if abort is not None and abort.active():
+            abort.cancel()
+        super().connectionLost(reason)
+
+    # Parsing
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        kind = self._deadline_kind
+        if kind is _IDLE:
+            self._set_deadline(_HEAD, self.options.header_timeout)
+        elif kind is _BODY:
+            self._last_body_read = self._reactor.seconds()
+        super().dataReceived(data)
+        # What the outermost call leaves over in line mode is an unfinished
+        # line of a request head.  A client that ends lines with a bare LF
+        # would otherwise wait for the header timeout; RFC 9112 section 2.2
+        # lets a server reject it.
+        if self._busyReceiving or not self.line_mode or self._rejected:
+            return
+        if b"\n" in self._buffer:
+            self._reject(400, "bare LF in the request head")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._rejected:
+            return
+        if self._deadline_kind is _IDLE:
+            # Pipelined bytes, parsed right after the previous response.
+            self._set_deadline(_HEAD, self.options.header_timeout)
+        if not self._in_head:
+            if line:
+                if not self._check_request_line(line):
+                    return
+                self._in_head = True
+                self._header_count = 0
+            self._parsing = ("request line", line)
+        elif line:
+            if not self._check_field_line(line):
+                return
+            self._parsing = ("header", line)
+        else:
+            self._in_head = False
+            self._parsing = None
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver closes the connection without a response.
+        if b"\n" in line[: self.MAX_LENGTH]:
+            self._reject(400, "bare LF in the request head")
+        elif self._in_head:
+            self._reject(431, "header field too long")
+        else:
+            self._reject(414, "request line too long")
+
+    def _check_request_line(self, line: bytes) -> bool:
+        if len(line) > self.options.max_request_line_length:
+            self._reject(414, "request line too long")
+            return False
+        if line.translate(None, _REQUEST_LINE_BYTES):
+            reason = "bare LF in the request head" if b"\n" in line else None
+            self._reject(400, reason or "invalid character in the request line")
+            return False
+        version = line.rpartition(b" ")[2]
+        if _HTTP_VERSION.fullmatch(version) and not version.startswith(b"HTTP/1."):
+            self._reject(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+            return False
+        return True
+
+    def _check_field_line(self, line: bytes) -> bool:
+        options = self.options
+        if len(line) > options.max_header_length:
+            self._reject(431, "header field too long")
+            return False
+        self._header_count += 1
+        if self._header_count > options.max_header_count:
+            self._reject(431, "too many header fields")
+            return False
+        if line[0] in b" \t":
+            # RFC 9112 section 5.2 allows replacing obs-fold with SP, which
+            # twisted.web does; a proxy in front may not, so reject it.
+            self._reject(400, "obsolete line folding in a header field")
+            return False
+        if line.translate(None, _FIELD_LINE_BYTES):
+            reason = "bare LF in the request head" if b"\n" in line else None
+            self._reject(400, reason or "invalid character in a header field")
+            return False
+        return True
+
+    def headerReceived(self, line: bytes) -> bool:
+        self._parsing = ("header", line)
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        reason = _check_head(request.requestHeaders, self._version)
+        if reason is not None:
+            self._reject(400, reason)
+            return
+        if self.length != 0:
+            self._set_deadline(_BODY, self.options.body_timeout)
+            self._last_body_read = self._reactor.seconds()
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._parsing = ("body", b"")
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        # twisted.web calls this right after allHeadersReceived, even when
+        # that rejected the request.
+        if self._rejected:
+            return
+        self._parsing = None
+        self._set_deadline(None, None)
+        super().allContentReceived()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        # twisted.web reads only the first Connection header and splits it on
+        # spaces, so "keep-alive,close" keeps the connection open; RFC 9110
+        # section 7.6.1 makes it a comma-separated list.
+        self._requests_received += 1
+        tokens = {
+            token.strip().lower()
+            for value in request.requestHeaders.getRawHeaders(b"connection", [])
+            for token in value.split(b",")
+        }
+        if version != b"HTTP/1.1":
+            return False
+        max_requests = self.options.max_requests
+        if b"close" in tokens or (
+            max_requests and self._requests_received >= max_requests
+        ):
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return True
+
+    def requestDone(self, request: Any) -> None:
+        if self.persistent:
+            # Bytes of the next request may already be buffered; its head
+            # deadline starts now.
+            pending = self._buffer or self._dataBuffer
+            kind = _HEAD if pending else _IDLE
+            timeout = (
+                self.options.header_timeout
+                if pending
+                else self.options.keepalive_timeout
+            )
+            self._set_deadline(kind, timeout)
+        super().requestDone(request)
+
+    # Errors
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web calls this for every request it cannot parse, writes a
+        # bare "400 Bad Request" without Content-Length or Connection, and
+        # closes without reading what the client is still sending.
+        self._reject(400, _diagnose(self._parsing))
+
+    def _reject(self, status: int, reason: str) -> None:
+        """
+        Send C{status} with C{reason} as the body, then close the connection.
+
+        Nothing the client sends afterwards is parsed.
+        """
+        if self._rejected:
+            return
+        log.info(
+            "rejected a request from {peer} with {status}: {reason}",
+            peer=str(self.transport.getPeer()),
+            status=status,
+            reason=reason,
+        )
+        self.transport.write(_error_response(status, reason, self._reactor.seconds()))
+        self._close()
+
+    def _close(self) -> None:
+        """
+        Close the connection without parsing anything more from it.
+        """
+        self._rejected = True
+        self._cancel_deadline()
+        self.clearLineBuffer()
+        self._dataBuffer = []
+        self._networkProducer.unregisterProducer()
+        self._abort_call = linger_close(
+            self.transport, self._reactor, self.options.linger_timeout
+        )
+
+    # Deadlines
+
+    def _set_deadline(self, kind: str | None, timeout: float | None) -> None:
+        """
+        Replace the deadline with one of C{kind} in C{timeout} seconds.
+
+        One DelayedCall per connection: moving a deadline later leaves the
+        call where it is, and L{_deadline_reached} schedules it again.
+        """
+        if timeout is None:
+            self._deadline_kind = None
+            return
+        self._deadline_kind = kind
+        call = self._deadline_call
+        if call is not None:
+            # reset() only when the deadline moves earlier.
+            now = self._reactor.seconds()
+            self._deadline_at = now + timeout
+            if call.getTime() > self._deadline_at:
+                call.reset(timeout)
+            return
+        self._deadline_at = self._reactor.seconds() + timeout
+        self._deadline_call = self._reactor.callLater(timeout, self._deadline_reached)
+
+    def _cancel_deadline(self) -> None:
+        self._deadline_kind = None
+        call, self._deadline_call = self._deadline_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _deadline_reached(self) -> None:
+        self._deadline_call = None
+        kind = self._deadline_kind
+        if kind is None:
+            return
+        deadline = self._deadline_at
+        if kind is _BODY:
+            deadline = self._last_body_read + (self.options.body_timeout or 0.0)
+        remaining = deadline - self._reactor.seconds()
+        if remaining > 0:
+            self._deadline_call = self._reactor.callLater(
+                remaining, self._deadline_reached
+            )
+            return
+
+        self._deadline_kind = None
+        if kind is _IDLE:
+            log.debug(
+                "closing idle connection from {peer}",
+                peer=str(self.transport.getPeer()),
+            )
+            self._close()
+        elif kind is _HEAD:
+            self._reject(408, "timed out reading the request head")
+        else:
+            self._reject(408, "timed out reading the request body")
+
+
+def _check_head(headers: Any, version: bytes) -> str | None:
+    """
+    Check the header fields that RFC 9112 requires a server to check.
+
+    :returns: why the request is invalid, or None.
+    """
+    hosts = headers.getRawHeaders(b"host")
+    if hosts is None:
+        if version == b"HTTP/1.1":
+            return "missing Host header"
+    elif len(hosts) > 1:
+        return "more than one Host header"
+    elif not _HOST.fullmatch(hosts[0]):
+        return "invalid Host header"
+
+    codings = headers.getRawHeaders(b"transfer-encoding")
+    if codings is not None:
+        # RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message
+        # means faulty framing.  twisted.web accepts it, and ignores
+        # "identity", which a proxy in front may read as chunked.
+        if version != b"HTTP/1.1":
+            return "Transfer-Encoding in an HTTP/1.0 request"
+        if [value.strip().lower() for value in codings] != [b"chunked"]:
+            return "unsupported Transfer-Encoding, expected 'chunked'"
+    return None
+
+
+def _diagnose(parsing: tuple[str, bytes] | None) -> str:
+    """
+    Say why twisted.web rejected what it was parsing.
+    """
+    if parsing is None:
+        return "malformed request"
+    part, line = parsing
+    if part == "request line":
+        return "malformed request line"
+    if part == "body":
+        return "malformed chunked body"
+    name, colon, value = line.partition(b":")
+    if not colon:
+        return "header field without a colon"
+    if name[-1:] in (b" ", b"\t"):
+        return "whitespace before the colon in a header field"
+    if not _TOKEN.fullmatch(name):
+        return "invalid header field name"
+    if name.lower() in (b"content-length", b"transfer-encoding"):
+        return "invalid or conflicting Content-Length and Transfer-Encoding"
+    return "invalid header field"
+
+
+def _error_response(status: int, reason: str, now: float) -> bytes:
+    body = reason.encode("ascii") + b"\n"
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASON_PHRASES[status]),
+            b"date: " + datetimeToString(now) + b"\r\n",
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+def linger_close(transport: Any, reactor: Any, timeout: float) -> Any:
+    """
+    Close C{transport} once its output is sent, without a TCP reset.
+
+    Closing a socket whose input has not all been read makes the kernel
+    send a reset, which can destroy the response before the client reads it
+    (RFC 9112 section 9.6).  So close only the writing side, let the
+    protocol discard what still arrives, and abort after C{timeout}
+    seconds if the client has not closed by then.  A TLS connection has no
+    half-close here and is closed with close_notify instead.
+
+    :param transport: the transport to close; its protocol must drop input.
+    :param reactor: the reactor that schedules the abort.
+    :param timeout: seconds to wait for the client to close.
+    :returns: the DelayedCall of the abort; cancel it when the connection
+        is lost.
+    """
+    half_close = getattr(transport, "loseWriteConnection", None)
+    if half_close is None or ISSLTransport.providedBy(transport):
+        transport.loseConnection()
+    else:
+        half_close()
+        # Reading is how the client's close is noticed, and twisted.web may
+        # have paused the transport while it handled a request.
+        transport.resumeProducing()
+    return reactor.callLater(timeout, transport.abortConnection)
+
+
+class ConnectionLimit:
+    """
+    Counts a Site's open connections and rejects those beyond its limit.
+
+    Each connection is counted by a L{CountedConnection} around its
+    protocol, so it stays counted after a WebSocket hand-off, which replaces
+    the protocol under the wrapper, and after ALPN selects HTTP/2.
+
+    :param limit: the maximum number of open connections, or None for no limit.
+    :param reactor: the reactor that schedules the abort of rejected ones.
+    :param linger_timeout: see L{HTTPOptions.linger_timeout}.
+    :ivar count: the number of open connections, rejected ones not included.
+    """
+
+    def __init__(self, limit: int | None, reactor: Any, linger_timeout: float) -> None:
+        self.limit = limit
+        self.count = 0
+        self._reactor = reactor
+        self._linger_timeout = linger_timeout
+        self._rejected_count = 0
+
+    def build(self, build_protocol: Any, addr: Any) -> Any:
+        """
+        Return a counted protocol from C{build_protocol(addr)}, or one that rejects.
+        """
+        if self.limit is not None and self.count >= self.limit:
+            if self._rejected_count == 0:
+                log.warn(
+                    "reached the limit of {max_connections} open connections, "
+                    "rejecting new ones with 503",
+                    max_connections=self.limit,
+                )
+            self._rejected_count += 1
+            return _RejectedConnection(self._reactor, self._linger_timeout)
+        return CountedConnection(self, build_protocol(addr))
+
+    def registerProtocol(self, protocol: ProtocolWrapper) -> None:
+        self.count += 1
+
+    def unregisterProtocol(self, protocol: ProtocolWrapper) -> None:
+        self.count -= 1
+        if self._rejected_count and self.count < (self.limit or 0):
+            log.info(
+                "below the limit of {max_connections} open connections again, "
+                "{rejected} connections were rejected with 503",
+                max_connections=self.limit,
+                rejected=self._rejected_count,
+            )
+            self._rejected_count = 0
+
+
+class CountedConnection(ProtocolWrapper):
+    """
+    The wrapper around each connection's protocol that keeps it counted.
+
+    It provides the interfaces of the transport it wraps, TLS included.  A
+    protocol that takes the connection over should use C{self.transport},
+    the transport under this wrapper, as its own: Autobahn reads the TLS
+    details only from a real TLS transport.
+    """
+
+
+class _RejectedConnection(Protocol):
+    """
+    A connection beyond the limit, which gets 503 and is closed.
+    """
+
+    def __init__(self, reactor: Any, linger_timeout: float) -> None:
+        self._reactor = reactor
+        self._linger_timeout = linger_timeout
+        self._abort_call: Any = None
+
+    def connectionMade(self) -> None:
+        reason = "too many open connections, try again later"
+        self.transport.write(_error_response(503, reason, self._reactor.seconds()))
+        self._abort_call = linger_close(
+            self.transport, self._reactor, self._linger_timeout
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()

@@ -1,0 +1,720 @@
+"""
+HTTP/1.1 limits, deadlines and malformed requests over real loopback sockets.
+
+Each malformed kind has a test even where twisted.web already rejects it, so
+that a change upstream is caught.  Deadlines are set short by options, and
+the tests wait for the server's response, never for a measured time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import pytest
+import pytest_twisted
+from support import RawClient, Response, connect, upgrade_request
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+
+from desperados import HTTPOptions
+
+T = TypeVar("T")
+
+GET = b"GET /test HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+REJECTED = "rejected a request from {peer} with {status}: {reason}"
+
+
+def bounded(awaitable: Awaitable[T], seconds: float = 10.0) -> Deferred[T]:
+    """
+    Wait for C{awaitable}, failing the test if it takes more than C{seconds}.
+
+    A safety net so that a server that never responds fails the test instead
+    of hanging it.  No test depends on how long anything takes.
+    """
+    return ensureDeferred(awaitable).addTimeout(seconds, reactor)
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def request_once(
+    serve, data: bytes, **options: object
+) -> tuple[Response, RawClient]:
+    """
+    Send C{data} on a new connection and read one response.
+    """
+    port = await serve(http_options=HTTPOptions(**options))
+    client = await connect(port)
+    client.send(data)
+    response = await bounded(client.read_response())
+    return response, client
+
+
+async def assert_rejected(
+    serve, logs, data: bytes, status: int, **options: object
+) -> Response:
+    """
+    Check that C{data} gets C{status} with connection: close, then a close.
+    """
+    response, client = await request_once(serve, data, **options)
+    await bounded(client.wait_closed())
+
+    assert response.status == status
+    assert response.header("connection") == "close"
+    assert response.header("content-type") == "text/plain; charset=utf-8"
+    assert response.header("date") is not None
+    assert client.buffer == b"", "nothing may follow the error response"
+    events = logs.with_format(REJECTED)
+    assert [event["status"] for event in events] == [status]
+    return response
+
+
+def rejection_reason(logs) -> str:
+    (event,) = logs.with_format(REJECTED)
+    return event["reason"]
+
+
+# Limits
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_line_too_long_gets_414(serve, logs):
+    data = b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    await assert_rejected(serve, logs, data, 414, max_request_line_length=100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_line_without_end_gets_414(serve, logs):
+    """
+    A request line longer than every limit and still unfinished is answered.
+    """
+    data = b"GET /" + b"a" * 300
+    await assert_rejected(
+        serve, logs, data, 414, max_request_line_length=100, max_header_length=100
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_line_at_limit_is_served(serve):
+    line = b"GET /" + b"a" * 86 + b" HTTP/1.1"
+    assert len(line) == 100
+    response, client = await request_once(
+        serve, line + b"\r\nHost: 127.0.0.1\r\n\r\n", max_request_line_length=100
+    )
+    assert response.status == 404
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_line_too_long_gets_431(serve, logs):
+    data = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 200 + b"\r\n\r\n"
+    await assert_rejected(serve, logs, data, 431, max_header_length=100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_line_without_end_gets_431(serve, logs):
+    """
+    twisted.web drops a connection whose header line passes its maximum
+    without an answer; the channel answers 431.
+    """
+    data = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 300
+    await assert_rejected(
+        serve, logs, data, 431, max_request_line_length=100, max_header_length=100
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_line_over_twisted_maximum_gets_431(serve, logs):
+    """
+    With the default options, a header line longer than LineReceiver's own
+    16 KiB maximum gets 431 as well.
+    """
+    data = (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n"
+    )
+    await assert_rejected(serve, logs, data, 431)
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_headers_get_431(serve, logs):
+    fields = b"".join(b"X-%d: 1\r\n" % index for index in range(5))
+    data = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields + b"\r\n"
+    await assert_rejected(serve, logs, data, 431, max_header_count=5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_count_at_limit_is_served(serve):
+    fields = b"".join(b"X-%d: 1\r\n" % index for index in range(4))
+    data = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields + b"\r\n"
+    response, client = await request_once(serve, data, max_header_count=5)
+    assert response.status == 404
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_requests_closes_after_last(serve):
+    port = await serve(http_options=HTTPOptions(max_requests=3))
+    client = await connect(port)
+
+    responses = []
+    for _ in range(3):
+        client.send(GET)
+        responses.append(await bounded(client.read_response()))
+    await bounded(client.wait_closed())
+
+    assert [response.status for response in responses] == [404, 404, 404]
+    assert [response.header("connection") for response in responses] == [
+        None,
+        None,
+        "close",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_request_after_max_requests_is_dropped(serve):
+    port = await serve(http_options=HTTPOptions(max_requests=1))
+    client = await connect(port)
+
+    client.send(GET + GET)
+    response = await bounded(client.read_response())
+    await bounded(client.wait_closed())
+
+    assert response.header("connection") == "close"
+    assert client.buffer == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_over_limit_gets_503(serve, logs):
+    port = await serve(http_options=HTTPOptions(max_connections=2))
+    first = await connect(port)
+    second = await connect(port)
+    # A response on each proves that both connections were accepted.
+    for client in (first, second):
+        client.send(GET)
+        await bounded(client.read_response())
+
+    third = await connect(port)
+    rejected = await bounded(third.read_response())
+    await bounded(third.wait_closed())
+    first.send(GET)
+    still_served = await bounded(first.read_response())
+
+    assert rejected.status == 503
+    assert rejected.header("connection") == "close"
+    assert still_served.status == 404
+    (warning,) = logs.with_format("reached the limit of {max_connections}")
+    assert warning["max_connections"] == 2
+
+    first.transport.loseConnection()
+    await bounded(first.wait_closed())
+    fourth = await connect(port)
+    fourth.send(GET)
+    after_close = await bounded(fourth.read_response())
+    assert after_close.status == 404
+    (recovered,) = logs.with_format("below the limit of {max_connections}")
+    assert recovered["rejected"] == 1
+    second.transport.loseConnection()
+    fourth.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_counts_against_connection_limit(serve):
+    """
+    A connection handed to the WebSocket bridge stays counted until it closes.
+    """
+    port = await serve(http_options=HTTPOptions(max_connections=1))
+    websocket = await connect(port)
+    websocket.send(upgrade_request())
+    upgraded = await bounded(websocket.read_response())
+
+    other = await connect(port)
+    rejected = await bounded(other.read_response())
+
+    assert upgraded.status == 101
+    assert rejected.status == 503
+    websocket.transport.loseConnection()
+    await bounded(websocket.wait_closed())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_header_count": 0},
+        {"max_requests": 0},
+        {"max_connections": -1},
+        {"header_timeout": 0},
+        {"keepalive_timeout": "60"},
+        {"max_header_length": True},
+    ],
+)
+def test_invalid_options_raise(options):
+    with pytest.raises(ValueError, match="expected a positive"):
+        HTTPOptions(**options)
+
+
+# Deadlines
+
+
+@pytest_twisted.ensureDeferred
+async def test_trickled_head_gets_408(serve, logs):
+    """
+    Bytes that keep coming do not extend the deadline for the request head.
+
+    twisted.web's idle timer restarts on every byte, so there this client
+    finishes its request and gets 404.
+    """
+    port = await serve(http_options=HTTPOptions(header_timeout=0.3))
+    client = await connect(port)
+    head = (
+        b"GET /test HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 60 + b"\r\n\r\n"
+    )
+
+    for byte in head:
+        if client.closed:
+            break
+        client.send(bytes([byte]))
+        await sleep(0.02)
+    response = await bounded(client.read_response())
+    await bounded(client.wait_closed())
+
+    assert response.status == 408
+    assert response.header("connection") == "close"
+    assert rejection_reason(logs) == "timed out reading the request head"
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_keepalive_connection_is_closed(serve, logs):
+    port = await serve(http_options=HTTPOptions(keepalive_timeout=0.2))
+    client = await connect(port)
+
+    client.send(GET)
+    response = await bounded(client.read_response())
+    await bounded(client.wait_closed())
+
+    assert response.status == 404
+    assert client.buffer == b"", "an idle connection is closed without an answer"
+    assert logs.with_format(REJECTED) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_without_request_is_closed(serve):
+    port = await serve(http_options=HTTPOptions(keepalive_timeout=0.2))
+    client = await connect(port)
+
+    await bounded(client.wait_closed())
+
+    assert client.buffer == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_body_gets_408(serve, logs):
+    head = b"POST /test HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n"
+    response, client = await request_once(serve, head + b"abc", body_timeout=0.2)
+    await bounded(client.wait_closed())
+
+    assert response.status == 408
+    assert response.header("connection") == "close"
+    assert rejection_reason(logs) == "timed out reading the request body"
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_body_bytes_extend_body_timeout(serve):
+    """
+    Unlike the head deadline, each body byte restarts the body timeout.
+    """
+    port = await serve(http_options=HTTPOptions(body_timeout=1.0))
+    client = await connect(port)
+    client.send(b"POST /test HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 15\r\n\r\n")
+
+    for _ in range(15):
+        await sleep(0.1)
+        client.send(b"x")
+    response = await bounded(client.read_response())
+
+    assert response.status == 404
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keepalive_requests_are_not_timed_out(serve):
+    """
+    The head deadline starts with each request, not with the connection.
+    """
+    port = await serve(http_options=HTTPOptions(header_timeout=0.3))
+    client = await connect(port)
+
+    statuses = []
+    for _ in range(4):
+        client.send(GET)
+        statuses.append((await bounded(client.read_response())).status)
+        await sleep(0.15)
+
+    assert statuses == [404, 404, 404, 404]
+    assert not client.closed
+    client.transport.loseConnection()
+
+
+# Malformed requests: RFC 9112 and RFC 9110
+
+
+def _request(
+    *fields: bytes, line: bytes = b"GET /test HTTP/1.1", body: bytes = b""
+) -> bytes:
+    return (
+        line + b"\r\n" + b"".join(field + b"\r\n" for field in fields) + b"\r\n" + body
+    )
+
+
+HOST = b"Host: 127.0.0.1"
+
+MALFORMED = [
+    # RFC 9112 section 3.2: Host is required in HTTP/1.1, and only once.
+    ("missing_host", _request(), "missing Host header"),
+    ("two_hosts", _request(HOST, b"Host: example.com"), "more than one Host header"),
+    ("invalid_host", _request(b"Host: a b"), "invalid Host header"),
+    ("host_with_slash", _request(b"Host: a/b"), "invalid Host header"),
+    # RFC 9112 section 6.3: framing headers that disagree.
+    (
+        "conflicting_content_length",
+        _request(HOST, b"Content-Length: 3", b"Content-Length: 4", body=b"abcd"),
+        None,
+    ),
+    (
+        "repeated_content_length",
+        _request(HOST, b"Content-Length: 3", b"Content-Length: 3", body=b"abc"),
+        None,
+    ),
+    ("content_length_list", _request(HOST, b"Content-Length: 3, 3", body=b"abc"), None),
+    ("content_length_sign", _request(HOST, b"Content-Length: +3", body=b"abc"), None),
+    ("content_length_hex", _request(HOST, b"Content-Length: 0x3", body=b"abc"), None),
+    (
+        "content_length_and_transfer_encoding",
+        _request(
+            HOST, b"Content-Length: 3", b"Transfer-Encoding: chunked", body=b"0\r\n\r\n"
+        ),
+        None,
+    ),
+    (
+        "transfer_encoding_and_content_length",
+        _request(
+            HOST, b"Transfer-Encoding: chunked", b"Content-Length: 3", body=b"0\r\n\r\n"
+        ),
+        None,
+    ),
+    (
+        "repeated_transfer_encoding",
+        _request(
+            HOST,
+            b"Transfer-Encoding: chunked",
+            b"Transfer-Encoding: chunked",
+            body=b"0\r\n\r\n",
+        ),
+        None,
+    ),
+    (
+        "transfer_encoding_identity",
+        _request(
+            HOST, b"Transfer-Encoding: identity", b"Content-Length: 3", body=b"abc"
+        ),
+        None,
+    ),
+    (
+        "transfer_encoding_gzip_chunked",
+        _request(HOST, b"Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"),
+        None,
+    ),
+    (
+        "transfer_encoding_in_http_1_0",
+        _request(
+            HOST,
+            b"Transfer-Encoding: chunked",
+            line=b"POST /test HTTP/1.0",
+            body=b"0\r\n\r\n",
+        ),
+        "Transfer-Encoding in an HTTP/1.0 request",
+    ),
+    # RFC 9112 section 7.1: chunk-size is 1*HEXDIG, each chunk ends with CRLF.
+    *[
+        (
+            f"chunk_size_{name}",
+            _request(
+                HOST, b"Transfer-Encoding: chunked", body=size + b"\r\nabc\r\n0\r\n\r\n"
+            ),
+            "malformed chunked body",
+        )
+        for name, size in [
+            ("not_hex", b"zz"),
+            ("prefixed", b"0x3"),
+            ("negative", b"-3"),
+            ("leading_space", b" 3"),
+            ("trailing_space", b"3 "),
+            ("empty", b""),
+        ]
+    ],
+    (
+        "chunk_without_crlf",
+        _request(HOST, b"Transfer-Encoding: chunked", body=b"3\r\nabcX0\r\n\r\n"),
+        "malformed chunked body",
+    ),
+    (
+        "chunk_longer_than_size",
+        _request(HOST, b"Transfer-Encoding: chunked", body=b"3\r\nabcdef\r\n0\r\n\r\n"),
+        "malformed chunked body",
+    ),
+    # RFC 9112 section 2.2: lines end with CRLF.
+    (
+        "bare_lf_in_field",
+        _request(HOST, b"X-A: 1\nX-B: 2"),
+        "bare LF in the request head",
+    ),
+    (
+        "bare_lf_in_request_line",
+        b"GET /test HTTP/1.1\nHost: 127.0.0.1\r\n\r\n",
+        "bare LF in the request head",
+    ),
+    (
+        "bare_lf_everywhere",
+        b"GET /test HTTP/1.1\nHost: 127.0.0.1\n\n",
+        "bare LF in the request head",
+    ),
+    (
+        "bare_cr_in_field",
+        _request(HOST, b"X-A: 1\rX-B: 2"),
+        "invalid character in a header field",
+    ),
+    # RFC 9112 section 5.1: no whitespace between the field name and colon.
+    (
+        "space_before_colon",
+        _request(HOST, b"X-A : 1"),
+        "whitespace before the colon in a header field",
+    ),
+    (
+        "tab_before_colon",
+        _request(HOST, b"X-A\t: 1"),
+        "whitespace before the colon in a header field",
+    ),
+    (
+        "space_before_colon_host",
+        _request(b"Host : 127.0.0.1"),
+        "whitespace before the colon in a header field",
+    ),
+    # RFC 9112 section 5.2: obs-fold, and whitespace before the first field.
+    (
+        "obs_fold",
+        _request(HOST, b"X-A: 1", b" continued"),
+        "obsolete line folding in a header field",
+    ),
+    (
+        "obs_fold_tab",
+        _request(HOST, b"X-A: 1", b"\tcontinued"),
+        "obsolete line folding in a header field",
+    ),
+    (
+        "space_before_first_field",
+        _request(b" X-A: 1", HOST),
+        "obsolete line folding in a header field",
+    ),
+    # RFC 9110 section 5.1 and 5.5: field names are tokens, values hold no CTL.
+    ("field_without_colon", _request(HOST, b"X-A 1"), "header field without a colon"),
+    ("empty_field_name", _request(HOST, b": 1"), "invalid header field name"),
+    ("brace_in_name", _request(HOST, b"X{A}: 1"), "invalid header field name"),
+    ("space_in_name", _request(HOST, b"X A: 1"), "invalid header field name"),
+    ("non_ascii_in_name", _request(HOST, b"X-\xe9: 1"), "invalid header field name"),
+    (
+        "nul_in_value",
+        _request(HOST, b"X-A: a\x00b"),
+        "invalid character in a header field",
+    ),
+    (
+        "control_in_value",
+        _request(HOST, b"X-A: a\x01b"),
+        "invalid character in a header field",
+    ),
+    (
+        "del_in_value",
+        _request(HOST, b"X-A: a\x7fb"),
+        "invalid character in a header field",
+    ),
+    # Characters that str.splitlines() reads as line breaks (Autobahn does).
+    *[
+        (
+            f"line_break_{byte:02x}_in_value",
+            _request(HOST, b"X-A: a" + bytes([byte]) + b"X-B: b"),
+            "invalid character in a header field",
+        )
+        for byte in (0x0B, 0x0C, 0x1C, 0x1D, 0x1E)
+    ],
+    # RFC 9112 section 3: method SP request-target SP HTTP-version.
+    (
+        "two_spaces",
+        b"GET  /test HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "malformed request line",
+    ),
+    ("no_version", b"GET /test\r\nHost: 127.0.0.1\r\n\r\n", "malformed request line"),
+    (
+        "lowercase_version",
+        b"GET /test http/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "malformed request line",
+    ),
+    (
+        "version_1_2",
+        b"GET /test HTTP/1.2\r\nHost: 127.0.0.1\r\n\r\n",
+        "malformed request line",
+    ),
+    (
+        "method_not_token",
+        b"G(T /test HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "malformed request line",
+    ),
+    (
+        "tab_in_request_line",
+        b"GET\t/test HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "invalid character in the request line",
+    ),
+    (
+        "non_ascii_target",
+        b"GET /t\xe9st HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "invalid character in the request line",
+    ),
+    (
+        "del_in_target",
+        b"GET /t\x7fst HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "invalid character in the request line",
+    ),
+    ("two_empty_lines_first", b"\r\n\r\n" + GET, "malformed request line"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [pytest.param(data, reason, id=name) for name, data, reason in MALFORMED],
+)
+@pytest_twisted.ensureDeferred
+async def test_malformed_request_gets_400(serve, logs, data, reason):
+    response = await assert_rejected(serve, logs, data, 400)
+
+    if reason is not None:
+        assert rejection_reason(logs) == reason
+        assert response.body == reason.encode("ascii") + b"\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_2_request_line_gets_505(serve, logs):
+    data = b"GET /test HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n"
+    await assert_rejected(serve, logs, data, 505)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_after_framing_error_is_parsed(serve, logs):
+    """
+    A request smuggled behind a framing error never reaches the pipeline.
+    """
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    data = _request(
+        HOST,
+        b"Content-Length: 3",
+        b"Transfer-Encoding: chunked",
+        body=b"0\r\n\r\n" + smuggled,
+    )
+    await assert_rejected(serve, logs, data, 400)
+
+    assert logs.with_format("{method} {path}") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_after_error_sent_later_is_parsed(serve, logs):
+    response, client = await request_once(serve, _request(HOST, b"X-A : 1"))
+    client.send(GET)
+    await bounded(client.wait_closed())
+
+    assert response.status == 400
+    assert client.buffer == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_1_0_without_host_is_served(serve):
+    response, client = await request_once(serve, b"GET /test HTTP/1.0\r\n\r\n")
+    await bounded(client.wait_closed())
+
+    assert response.status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_empty_line_before_request_is_ignored(serve):
+    """
+    RFC 9112 section 2.2: a server should ignore at least one empty line
+    received before the request line.
+    """
+    response, client = await request_once(serve, b"\r\n" + GET)
+
+    assert response.status == 404
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_valid_chunked_body_is_served(serve):
+    data = _request(
+        HOST, b"Transfer-Encoding: chunked", body=b"3;ext=1\r\nabc\r\n0\r\n\r\n"
+    )
+    response, client = await request_once(serve, data + GET)
+    second = await bounded(client.read_response())
+
+    assert response.status == 404
+    assert second.status == 404
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_obs_text_in_value_is_served(serve):
+    """
+    Bytes 0x80-0xFF are obs-text, which RFC 9110 section 5.5 allows in values.
+    """
+    response, client = await request_once(serve, _request(HOST, b"X-A: caf\xe9 \x85"))
+
+    assert response.status == 404
+    client.transport.loseConnection()
+
+
+@pytest.mark.parametrize("byte", [0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x85])
+@pytest_twisted.ensureDeferred
+async def test_line_break_in_upgrade_header_gets_400(serve, logs, byte):
+    """
+    A header value that Autobahn would split in two never reaches the hand-off.
+
+    The channel rejects the control characters; 0x85 is valid obs-text for
+    HTTP, and the WebSocket bridge rejects it before replaying the request.
+    """
+    extra = "X-Split: a" + chr(byte) + "Sec-WebSocket-Protocol: evil\r\n"
+    response, client = await request_once(serve, upgrade_request(extra=extra))
+    await bounded(client.wait_closed())
+
+    assert response.status == 400
+    assert response.header("connection") == "close"
+    assert response.header("upgrade") is None
+    assert client.buffer == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_close_among_tokens_closes(serve):
+    """
+    twisted.web splits Connection on spaces, which misses "keep-alive,close".
+    """
+    response, client = await request_once(
+        serve, _request(HOST, b"Connection: keep-alive,close")
+    )
+    await bounded(client.wait_closed())
+
+    assert response.header("connection") == "close"
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_close_in_second_header_closes(serve):
+    response, client = await request_once(
+        serve, _request(HOST, b"Connection: keep-alive", b"Connection: close")
+    )
+    await bounded(client.wait_closed())
+
+    assert response.header("connection") == "close"
