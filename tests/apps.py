@@ -75,3 +75,11 @@ def twistd_command(*options: str) -> tuple[list[str], dict[str, str]]:
         *options,
     ]
     return command, env
+
+
+class LoadApp(Builder):
+    """
+    The default pipeline with a WebSocket idle timeout longer than a load test.
+    """
+
+    plugs = [DetectWebsocket, (Websocket, {"timeout": 600.0}), HTTP]
