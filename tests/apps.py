@@ -27,7 +27,7 @@ def json_observer():
     """
     Write every log event to standard output as JSON, for the test to parse.
 
-    Given to twistd as C{--logger tests.apps.json_observer}; it also raises
+    Given to twistd as C{--logger apps.json_observer}; it also raises
     the open-file limit of the child to its hard limit, for the load test.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

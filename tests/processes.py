@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 class TwistdProcess(ProcessProtocol):
     """
-    A child C{twistd desperados} whose standard output holds JSON log events.
+    A child C{twistd desperados} that writes its log events as JSON to stdout.
 
     :ivar events: the log events parsed so far, as dictionaries.
     :ivar ended: fires with the exit code once the process has ended.
