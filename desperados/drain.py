@@ -136,6 +136,6 @@ def _drain_h2(channel: H2Connection) -> None:
             return
         channel.conn.close_connection(last_stream_id=last_stream_id)
         transport.write(channel.conn.data_to_send())
-        transport.loseConnection()
+        channel.lose_connection()
 
     DeferredList(streams, consumeErrors=True).addCallback(close)

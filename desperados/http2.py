@@ -90,6 +90,17 @@ class H2Connection(_TwistedH2Connection):
         super().timeoutConnection()
         self._release_transport()
 
+    def lose_connection(self) -> None:
+        """
+        Close the connection once the frames written so far are sent.
+
+        Call this rather than C{transport.loseConnection()}, which leaves a
+        TLS connection open (see L{_release_transport}).
+        """
+        if self.transport is not None:
+            self.transport.loseConnection()
+            self._release_transport()
+
     def _release_transport(self) -> None:
         # Upstream calls transport.loseConnection() after a connection error,
         # an idle timeout or the peer's GOAWAY, but stays registered as the
@@ -127,9 +138,9 @@ class H2Connection(_TwistedH2Connection):
         self._wake_sender()
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._stillProducing:
-            # After a connection error h2 is closed, and upstream would read
-            # the bytes left in the same read as another error.
+        if not self._stillProducing or self.transport.disconnecting:
+            # The connection is closing after a GOAWAY, so h2 is closed and
+            # upstream would read any later frame as a connection error.
             return
         initial_window = self.conn.remote_settings.initial_window_size
         super().dataReceived(data)

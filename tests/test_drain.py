@@ -249,10 +249,22 @@ class _GoAwayTolerantClient(H2Client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_stop_sends_goaway_and_finishes_http2_streams():
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_stop_sends_goaway_and_finishes_http2_streams(scheme, tls_files, logs):
     waiting = Waiting()
-    server = await _start(waiting)
-    client = await connect_protocol(server.getHost().port, _GoAwayTolerantClient())
+    if scheme == "https":
+        tls = tls_files
+        server = await _start(
+            waiting, scheme="https", certfile=tls.certfile, keyfile=tls.keyfile
+        )
+    else:
+        tls = None
+        server = await _start(waiting)
+    client = _GoAwayTolerantClient()
+    client.scheme = scheme
+    # Sending no frame after the response leaves the close to the server.
+    client.auto_window_update = False
+    await connect_protocol(server.getHost().port, client, tls, [b"h2"])
     slow = client.request("/slow")
     await waiting.arrived
 
@@ -270,3 +282,5 @@ async def test_stop_sends_goaway_and_finishes_http2_streams():
     assert response.body == b"done"
     final = client.frames_of(GoAwayFrame)[-1]
     assert final.last_stream_id == slow
+    assert final.error_code == 0
+    assert logs.with_format("HTTP/2 connection error") == []
