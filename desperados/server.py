@@ -61,6 +61,8 @@ class DesperadosSite(Site):
 
     emits_connection_events = True
     protocol = build_channel
+    # Site logs "Starting factory" and "Stopping factory" for every listener.
+    noisy = False
 
     def __init__(
         self,
@@ -438,6 +440,8 @@ class DesperadosService(Service):
     :param plug_name: the pipeline's name for the startup line.
     :param startup_log: the level of the startup line, None for none.
     :param drain_timeout: seconds to wait for connections to close.
+    :param reactor: stopped when an endpoint cannot listen, so that twistd
+        exits instead of running without a port; None for no such stop.
     """
 
     def __init__(
@@ -448,7 +452,9 @@ class DesperadosService(Service):
         plug_name: str,
         startup_log: LogLevel | None = LogLevel.info,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        reactor: Any = None,
     ) -> None:
+        self.reactor = reactor
         self.site = site
         self.endpoints = list(endpoints)
         self.plug_name = plug_name
@@ -471,11 +477,14 @@ class DesperadosService(Service):
             _log_startup(self.startup_log, self.plug_name, port, endpoint_scheme(endpoint))
 
         def failed(failure: Any) -> None:
-            log.failure("could not listen on {endpoint}", failure, endpoint=endpoint)
-            from twisted.internet import reactor
-
-            if reactor.running:
-                reactor.stop()
+            log.error(
+                "could not listen on {endpoint}: {error}",
+                endpoint=endpoint,
+                error=failure.getErrorMessage(),
+            )
+            if self.reactor is not None:
+                # twistd starts services before the reactor runs.
+                self.reactor.callWhenRunning(self.reactor.stop)
 
         return endpoint.listen(self.site).addCallbacks(listening, failed)
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
+import select
+import signal
 import struct
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 
 from twisted.internet import reactor
@@ -269,3 +275,51 @@ class LogCapture:
         Return the events whose log_format contains C{fragment}.
         """
         return [event for event in self.events if fragment in (event.get("log_format") or "")]
+
+
+def start_twistd(*arguments: str, timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
+    """
+    Start C{twistd -n desperados ARGUMENTS} and wait for its startup line.
+
+    :returns: the process and the address from the startup line, such as
+        C{127.0.0.1:40123}.
+    :raises RuntimeError: if the line does not appear within C{timeout}.
+    """
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    process = subprocess.Popen(
+        [twistd, "--nodaemon", "--pidfile=", "desperados", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + timeout
+    output = b""
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.1)
+        if ready:
+            line = process.stdout.readline()
+            output += line
+            match = re.search(rb"Running \S+ with desperados \S+ at (\S+) \(https?\)", line)
+            if match:
+                return process, match.group(1).decode()
+            if not line and process.poll() is not None:
+                break
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"twistd desperados did not start: {output.decode(errors='replace')}")
+
+
+def stop_process(process: subprocess.Popen) -> int:
+    """
+    Stop a process started by a test with SIGTERM and return its exit status.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+    return process.returncode

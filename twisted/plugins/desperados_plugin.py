@@ -236,6 +236,7 @@ class DesperadosServiceMaker:
             plug_name=options["plug"],
             startup_log=startup_level,
             drain_timeout=options["drain-timeout"],
+            reactor=reactor,
         )
 
 
