@@ -294,15 +294,18 @@ def start_twistd(*arguments: str, timeout: float = 20.0) -> tuple[subprocess.Pop
     deadline = time.monotonic() + timeout
     output = b""
     assert process.stdout is not None
+    descriptor = process.stdout.fileno()
+    # Read the pipe with os.read: a buffered readline() could pull the
+    # startup line into Python's buffer, where select() no longer sees it.
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.1)
+        ready, _, _ = select.select([descriptor], [], [], 0.1)
         if ready:
-            line = process.stdout.readline()
-            output += line
-            match = re.search(rb"Running \S+ with desperados \S+ at (\S+) \(https?\)", line)
+            data = os.read(descriptor, 65536)
+            output += data
+            match = re.search(rb"Running \S+ with desperados \S+ at (\S+) \(https?\)", output)
             if match:
                 return process, match.group(1).decode()
-            if not line and process.poll() is not None:
+            if not data and process.poll() is not None:
                 break
     process.kill()
     process.wait()
