@@ -469,15 +469,22 @@ class WebSocketBridge:
         """
         Move C{request}'s connection to a new L{HandlerProtocol}.
 
-        Autobahn then reads the replayed request, answers 101 and starts the
-        handler.
+        Autobahn then reads the replayed request, sends 101 and starts the
+        handler.  Nothing happens when the client has already gone, as it
+        may have while a plug was waiting.
 
-        :raises BadRequestError: if a header holds a character that Autobahn
-            would read as a line break; nothing has been changed then.
+        :raises BadRequestError: for a header value holding a control
+            character or NEL; nothing has been changed then.
         """
+        channel = request.channel
+        if request._disconnected or channel is None or channel.transport is None:
+            self._log.debug(
+                "client left before the WebSocket upgrade of {path}",
+                path=request.path,
+            )
+            return
         handshake = _replay_bytes(request)
 
-        channel = request.channel
         transport = channel.transport
         protocol = self._factory_for(upgrade.options).buildProtocol(transport.getPeer())
         protocol.upgrade = upgrade
@@ -503,11 +510,15 @@ class WebSocketBridge:
             transport = transport.transport
         protocol.makeConnection(transport)
 
-        # HTTPChannel pauses reading while a request is being handled and
-        # keeps any bytes that came after the request head; the peer may have
-        # sent frames right behind its handshake.
-        pipelined = b"".join(channel._dataBuffer)
+        # The peer may have sent frames right behind its handshake.  Bytes
+        # from later reads wait in HTTPChannel's _dataBuffer, because it
+        # pauses reading while a request is handled.  Bytes from the read
+        # that held the request head are still in LineReceiver's _buffer when
+        # the pipeline finishes at once, and emptying it ends LineReceiver's
+        # loop over that read.
+        pipelined = b"".join(channel._dataBuffer) + channel._buffer
         channel._dataBuffer = []
+        channel._buffer = b""
         transport.resumeProducing()
 
         protocol.dataReceived(handshake)

@@ -5,6 +5,7 @@ limits, compression and every way a connection ends.
 
 from __future__ import annotations
 
+import gc
 import struct
 import zlib
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
-from support import RawClient, close_payload, connect, upgrade_request
+from support import RawClient, close_payload, connect, encode_frame, upgrade_request
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import deferLater
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
@@ -995,3 +997,54 @@ async def test_service_stop_closes_websockets_with_1001():
     assert (opcode, payload) == (CLOSE, close_payload(1001, b"server shutdown"))
     assert len(handler.terminations) == 1
     assert handler.terminations[0][0].kind == "shutdown"
+
+
+# The hand-off from twisted.web
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_right_behind_handshake_are_read(websocket_server):
+    handler = Scripted(handle_in=lambda frame, state: Push(Text(frame[0]), state))
+    server = await websocket_server(handler)
+
+    client = await connect(server.port)
+    client.send(upgrade_request("/socket") + encode_frame(TEXT, b"early"))
+    response = await client.read_response()
+    echo = await client.read_frame()
+    await close_cleanly(client)
+    await ended(server)
+
+    assert response.status == 101
+    assert echo == (TEXT, b"early")
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_gone_before_slow_upgrade(serve, logs):
+    """
+    A plug that upgrades after the client left does nothing and logs no error.
+    """
+    handler = Scripted()
+    entered: Deferred[Deferred[None]] = Deferred()
+    waiting: Deferred[None] = Deferred()
+
+    async def slow_upgrade(conn, opts):
+        entered.callback(conn.adapter.request.notifyFinish())
+        await waiting
+        return conn.upgrade(handler, 0).halt()
+
+    port = await serve(Builder([slow_upgrade]))
+    client = await connect(port)
+    client.send(upgrade_request("/socket"))
+    request_finished = await entered
+    client.transport.abortConnection()
+    with pytest.raises(ConnectionLost):
+        await request_finished
+    waiting.callback(None)
+    await deferLater(reactor, 0, lambda: None)
+    # An exception in the hand-off would be logged when its Deferred is
+    # collected.
+    gc.collect()
+
+    assert handler.calls == []
+    assert handler.terminations == []
+    assert [event for event in logs.events if event.get("log_failure")] == []
