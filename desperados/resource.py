@@ -381,9 +381,13 @@ def _forget_http_connection(request: Request) -> None:
     # The transport now belongs to the WebSocket protocol, so the Site's
     # HTTP protocol never learns when the connection closes; drop it from
     # the Site's registry here (see HTTPChannelSelector.track).
-    forget = getattr(request.channel.site, "forget_connection", None)
+    channel = request.channel
+    if channel is None:
+        # The client left before the hand-off, and the channel knows it.
+        return
+    forget = getattr(channel.site, "forget_connection", None)
     if forget is not None:
-        forget(request.channel)
+        forget(channel)
 
 
 def _http_version(request: Request) -> str:
