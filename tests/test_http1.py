@@ -13,10 +13,13 @@ from typing import TypeVar
 
 import pytest
 import pytest_twisted
+from http2_support import connect_raw_tls
 from support import RawClient, Response, connect, upgrade_request
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactor
+from twisted.python.usage import UsageError
 
 from desperados import HTTPOptions
 
@@ -89,7 +92,7 @@ async def test_request_line_too_long_gets_414(serve, logs):
 @pytest_twisted.ensureDeferred
 async def test_request_line_without_end_gets_414(serve, logs):
     """
-    A request line longer than every limit and still unfinished is answered.
+    A request line longer than every limit and still unfinished gets 414.
     """
     data = b"GET /" + b"a" * 300
     await assert_rejected(
@@ -117,8 +120,8 @@ async def test_header_line_too_long_gets_431(serve, logs):
 @pytest_twisted.ensureDeferred
 async def test_header_line_without_end_gets_431(serve, logs):
     """
-    twisted.web drops a connection whose header line passes its maximum
-    without an answer; the channel answers 431.
+    twisted.web closes a connection whose header line passes its maximum
+    without a response, and the channel sends 431.
     """
     data = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 300
     await assert_rejected(
@@ -355,6 +358,71 @@ async def test_keepalive_requests_are_not_timed_out(serve):
     assert statuses == [404, 404, 404, 404]
     assert not client.closed
     client.transport.loseConnection()
+
+
+# Over TLS
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_tls_handshake_is_closed(serve, tls_files):
+    """
+    The keep-alive timeout starts when TCP connects, so it bounds the handshake.
+    """
+    port = await serve(
+        scheme="https",
+        certfile=tls_files.certfile,
+        keyfile=tls_files.keyfile,
+        http_options=HTTPOptions(keepalive_timeout=0.2),
+    )
+    client = await connect(port)
+
+    await bounded(client.wait_closed())
+
+    assert client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_trickled_head_over_tls_gets_408(serve, tls_files):
+    port = await serve(
+        scheme="https",
+        certfile=tls_files.certfile,
+        keyfile=tls_files.keyfile,
+        http_options=HTTPOptions(header_timeout=0.3),
+    )
+    client = await connect_raw_tls(port, tls_files, [b"http/1.1"])
+
+    for byte in GET:
+        if client.closed or client.buffer:
+            break
+        client.send(bytes([byte]))
+        await sleep(0.03)
+    response = await bounded(client.read_response())
+
+    assert response.status == 408
+    assert response.header("connection") == "close"
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_counts_against_connection_limit(serve, tls_files):
+    port = await serve(
+        scheme="https",
+        certfile=tls_files.certfile,
+        keyfile=tls_files.keyfile,
+        http_options=HTTPOptions(max_connections=1),
+    )
+    websocket = await connect_raw_tls(port, tls_files, [b"http/1.1"])
+    websocket.send(upgrade_request())
+    upgraded = await bounded(websocket.read_response())
+    websocket.send_frame(0x1, b"still counted")
+    echoed = await bounded(websocket.read_frame())
+
+    other = await connect_raw_tls(port, tls_files, [b"http/1.1"])
+    rejected = await bounded(other.read_response())
+
+    assert upgraded.status == 101
+    assert echoed == (0x1, b"still counted")
+    assert rejected.status == 503
+    websocket.transport.loseConnection()
 
 
 # Malformed requests: RFC 9112 and RFC 9110
@@ -718,3 +786,58 @@ async def test_connection_close_in_second_header_closes(serve):
     await bounded(client.wait_closed())
 
     assert response.header("connection") == "close"
+
+
+# Options from the command line
+
+
+def test_twistd_options_set_http_options():
+    from twisted.plugins.desperados_plugin import Options, service_maker
+
+    options = Options()
+    options.parseOptions(
+        [
+            "--max-header-count=7",
+            "--max-requests=3",
+            "--max-connections=none",
+            "--header-timeout=none",
+            "--body-timeout=2.5",
+        ]
+    )
+    service = service_maker.makeService(options, reactor=MemoryReactor())
+
+    assert service.site.http_options == HTTPOptions(
+        max_header_count=7,
+        max_requests=3,
+        max_connections=None,
+        header_timeout=None,
+        body_timeout=2.5,
+    )
+    assert service.site.timeOut == 60.0
+
+
+def test_twistd_defaults_are_http_options_defaults():
+    from twisted.plugins.desperados_plugin import Options
+
+    options = Options()
+    options.parseOptions([])
+
+    assert options["http-options"] == HTTPOptions()
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [
+        "--max-header-count=0",
+        "--max-header-length=none",
+        "--max-requests=-1",
+        "--max-connections=many",
+        "--keepalive-timeout=0",
+        "--linger-timeout=none",
+    ],
+)
+def test_twistd_invalid_limit_is_usage_error(argument):
+    from twisted.plugins.desperados_plugin import Options
+
+    with pytest.raises(UsageError, match=argument.split("=")[0]):
+        Options().parseOptions([argument])

@@ -81,6 +81,65 @@ class Options(usage.Options):
             "Seconds a pipeline may take to finish a request before it gets "
             "503, or 'none' for no limit.",
         ],
+        # HTTP/1.1 limits and timeouts; the defaults are those of HTTPOptions.
+        [
+            "max-request-line-length",
+            None,
+            "10000",
+            "Longest request line accepted, in bytes; longer ones get 414.",
+        ],
+        [
+            "max-header-length",
+            None,
+            "10000",
+            "Longest header field line accepted, in bytes; longer ones get 431.",
+        ],
+        [
+            "max-header-count",
+            None,
+            "50",
+            "Maximum header fields per request; more get 431.",
+        ],
+        [
+            "max-requests",
+            None,
+            "none",
+            "Requests served on one connection before it is closed, or 'none'.",
+        ],
+        [
+            "max-connections",
+            None,
+            "16384",
+            "Open connections per process, WebSockets included; new ones beyond "
+            "it get 503. Or 'none'. Keep it below the file descriptor limit.",
+        ],
+        [
+            "keepalive-timeout",
+            None,
+            "60",
+            "Seconds a connection may wait for its next request before it is "
+            "closed, or 'none'.",
+        ],
+        [
+            "header-timeout",
+            None,
+            "60",
+            "Seconds from the first byte of a request until its head is "
+            "complete, else 408; or 'none'.",
+        ],
+        [
+            "body-timeout",
+            None,
+            "60",
+            "Seconds without a byte of the request body before 408, or 'none'.",
+        ],
+        [
+            "linger-timeout",
+            None,
+            "2",
+            "Seconds a connection closed after an error keeps reading before "
+            "it is aborted.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -120,6 +179,7 @@ class Options(usage.Options):
             msg = f"--startup-log must be 'false' or one of {', '.join(_LOG_LEVELS)}, got {startup!r}"
             raise usage.UsageError(msg)
         self["tls"] = self._tls_options()
+        self["http-options"] = self._http_options()
         self._check_workers()
 
     def _check_workers(self) -> None:
@@ -174,15 +234,58 @@ class Options(usage.Options):
             raise usage.UsageError(msg) from None
 
 
-def _parse_timeout(option: str, text: str | float | None) -> float | None:
-    if text is None or str(text).lower() == "none":
+    def _http_options(self) -> Any:
+        from desperados.http1 import HTTPOptions
+
+        # Option name, and whether 'none' is allowed.
+        counts = [
+            ("max-request-line-length", False),
+            ("max-header-length", False),
+            ("max-header-count", False),
+            ("max-requests", True),
+            ("max-connections", True),
+        ]
+        timeouts = [
+            ("keepalive-timeout", True),
+            ("header-timeout", True),
+            ("body-timeout", True),
+            ("linger-timeout", False),
+        ]
+        values: dict[str, Any] = {}
+        for option, none in counts:
+            values[option.replace("-", "_")] = _parse_count(
+                f"--{option}", self[option], none=none
+            )
+        for option, none in timeouts:
+            values[option.replace("-", "_")] = _parse_timeout(
+                f"--{option}", self[option], none=none
+            )
+        return HTTPOptions(**values)
+
+
+def _parse_count(option: str, text: str, *, none: bool = False) -> int | None:
+    if none and str(text).lower() == "none":
+        return None
+    count = int(text) if str(text).isdigit() else 0
+    if count <= 0:
+        expected = "a positive integer or 'none'" if none else "a positive integer"
+        msg = f"{option} must be {expected}, got {text!r}"
+        raise usage.UsageError(msg)
+    return count
+
+
+def _parse_timeout(
+    option: str, text: str | float | None, *, none: bool = True
+) -> float | None:
+    if none and (text is None or str(text).lower() == "none"):
         return None
     try:
         seconds = float(text)
     except ValueError:
         seconds = 0.0
     if not seconds > 0:
-        msg = f"{option} must be a positive number of seconds or 'none', got {text!r}"
+        expected = "a positive number of seconds" + (" or 'none'" if none else "")
+        msg = f"{option} must be {expected}, got {text!r}"
         raise usage.UsageError(msg)
     return seconds
 
@@ -221,6 +324,7 @@ class DesperadosServiceMaker:
             reactor=reactor,
             compress=not options["no-compress"],
             response_timeout=options["response-timeout"],
+            http_options=options["http-options"],
         )
         if options["listen"]:
             endpoints = [
