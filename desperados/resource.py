@@ -74,9 +74,10 @@ class PlugResource(Resource):
     :param compress: compress responses with gzip or deflate when the client
         accepts it (True, the default), never (False), or with the given
         L{Compression} options.
-    :param response_timeout: seconds the plug may take to finish a request
-        before it is cancelled and the request answered with 503 (or the
-        connection closed, if the response has started); None for no limit.
+    :param response_timeout: seconds the plug may take to start its
+        response, and then between two writes of a streamed body, before it
+        is cancelled and the request answered with 503 (or the connection
+        closed, if the response has started); None for no limit.
 
     :ivar draining: set while the server stops: responses then carry
         C{connection: close} and upgrades are answered with 503.
@@ -147,15 +148,22 @@ class PlugResource(Resource):
         """
         Finish the request when C{pending} fires, within the response timeout.
 
-        C{pending} is cancelled when the client goes away or the response
-        times out; the plug's later writes to the Conn are then ignored,
-        because the request is finished or disconnected.
+        The timeout bounds the time until the response starts, then the time
+        between two writes of a streamed body, so that a long stream that
+        makes progress goes on.  C{pending} is cancelled when the client goes
+        away or the response times out; the plug's later writes to the Conn
+        are then ignored, because the request is finished or disconnected.
         """
         abandoned = False
         timer = None
+        sent_length = 0
 
         def time_out() -> None:
-            nonlocal abandoned
+            nonlocal abandoned, timer, sent_length
+            if request.startedWriting and request.sentLength > sent_length:
+                sent_length = request.sentLength
+                timer = self.reactor.callLater(self.response_timeout, time_out)
+                return
             abandoned = True
             self.log.error(
                 "{plug} did not finish {method} {path} within {timeout} s",
@@ -163,6 +171,7 @@ class PlugResource(Resource):
                 method=conn.method,
                 path=conn.request_path,
                 timeout=self.response_timeout,
+                started=bool(request.startedWriting),
             )
             self._send_error(request, 503, b"service unavailable")
             pending.cancel()

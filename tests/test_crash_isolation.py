@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from support import connect
+from support import connect, upgrade_request
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
@@ -154,3 +154,19 @@ async def test_no_response_timeout_waits(logs):
 def test_response_timeout_must_be_positive():
     with pytest.raises(ValueError, match="positive response_timeout"):
         PlugResource(Hanging(), response_timeout=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_with_hanging_pipeline_gets_503(logs):
+    plug = Hanging()
+    server = await _start(plug, response_timeout=0.2)
+    client = await connect(server.getHost().port)
+
+    client.send(upgrade_request("/hang"))
+    response = await client.read_response()
+    await client.wait_closed()
+    await server.stop()
+
+    assert response.status == 503
+    assert response.header("connection") == "close"
+    assert plug.outcomes == ["cancelled"]

@@ -78,8 +78,9 @@ class Options(usage.Options):
             "response-timeout",
             None,
             "60",
-            "Seconds a pipeline may take to finish a request before it gets "
-            "503, or 'none' for no limit.",
+            "Seconds a pipeline may take to start its response, and then "
+            "between two writes of a streamed body, before it gets 503 or its "
+            "connection is closed; 'none' for no limit.",
         ],
         # HTTP/1.1 limits and timeouts; the defaults are those of HTTPOptions.
         [
