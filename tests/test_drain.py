@@ -10,8 +10,8 @@ import pytest
 import pytest_twisted
 from http2_support import H2Client, connect_protocol
 from hyperframe.frame import Frame, GoAwayFrame
-from processes import TwistdProcess
 from support import close_payload, connect, open_websocket, upgrade_request
+from twistd_process import TwistdProcess
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater

@@ -15,8 +15,8 @@ import time
 
 import pytest
 import pytest_twisted
-from processes import TwistdProcess
 from support import RawClient, close_payload, connect, upgrade_request
+from twistd_process import TwistdProcess
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.logger import LogLevel

@@ -1,5 +1,5 @@
 """
-Running C{twistd desperados} in a child process and reading its log events.
+A C{twistd desperados} child process driven from the reactor, and its log events.
 """
 
 from __future__ import annotations
