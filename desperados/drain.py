@@ -28,70 +28,96 @@ DEFAULT_DRAIN_TIMEOUT = 15.0
 log = Logger(namespace="desperados.drain", observer=log_observer)
 
 
-def drain_connections(
-    http: Iterable[HTTPChannelSelector],
-    websockets: WebSocketBridge,
-    *,
-    timeout: float,
-    reactor: Any,
-) -> Deferred[None]:
+class Drain:
     """
-    Close every connection gracefully, cutting those still open after C{timeout}.
+    One graceful close of every connection, cutting those still open after C{timeout}.
 
     The caller stops listening first and stops new requests from being kept
-    alive or upgraded (see C{PlugResource.draining}).
+    alive or upgraded (see C{PlugResource.draining}).  The drain starts when
+    the object is built.
 
     :param http: the open HTTP connections.
     :param websockets: the bridge that tracks the open WebSocket connections.
     :param timeout: seconds to wait before the remaining connections are
         aborted.
     :param reactor: the reactor for the timeout.
-    :returns: a Deferred that fires once every connection is closed.
+    :ivar done: a Deferred that fires once every connection is closed.
     """
-    http = list(http)
-    log.info(
-        "draining {http} HTTP and {websockets} WebSocket connections "
-        "for at most {timeout} s",
-        http=len(http),
-        websockets=len(websockets.connections),
-        timeout=timeout,
-    )
 
-    waits: list[Deferred[Any]] = []
-    for protocol in http:
-        waits.append(protocol.when_closed())
-        _drain_http(protocol)
-    waits.append(websockets.shutdown())
+    def __init__(
+        self,
+        http: Iterable[HTTPChannelSelector],
+        websockets: WebSocketBridge,
+        *,
+        timeout: float,
+        reactor: Any,
+    ) -> None:
+        self._http = list(http)
+        self._websockets = websockets
+        self.timeout = timeout
+        self.done: Deferred[None] = Deferred()
+        log.info(
+            "draining {http} HTTP and {websockets} WebSocket connections "
+            "for at most {timeout} s",
+            http=len(self._http),
+            websockets=len(websockets.connections),
+            timeout=timeout,
+        )
 
-    done: Deferred[None] = Deferred()
-    everything_closed = DeferredList(waits, consumeErrors=True)
+        waits: list[Deferred[Any]] = []
+        for protocol in self._http:
+            waits.append(protocol.when_closed())
+            _drain_http(protocol)
+        waits.append(websockets.shutdown())
 
-    def cut_the_rest() -> None:
-        open_http = [protocol for protocol in http if protocol.tracked]
-        open_websockets = list(websockets.connections)
+        self._timer = reactor.callLater(timeout, self._time_out)
+        DeferredList(waits, consumeErrors=True).addCallback(self._finished)
+
+    def abort(self) -> None:
+        """
+        Abort the connections still open now, without waiting for the timeout.
+        """
+        if self.done.called:
+            return
+        if self._timer.active():
+            self._timer.cancel()
+        http, websockets = self._still_open()
+        log.warn(
+            "drain stopped early: aborting {http} HTTP and {websockets} "
+            "WebSocket connections",
+            http=len(http),
+            websockets=len(websockets),
+        )
+        _abort(http, websockets)
+
+    def _time_out(self) -> None:
+        http, websockets = self._still_open()
         log.warn(
             "drain timed out after {timeout} s: aborting {http} HTTP and "
             "{websockets} WebSocket connections",
-            timeout=timeout,
-            http=len(open_http),
-            websockets=len(open_websockets),
+            timeout=self.timeout,
+            http=len(http),
+            websockets=len(websockets),
         )
-        transports = [protocol._channel.transport for protocol in open_http]
-        transports += [websocket.transport for websocket in open_websockets]
-        for transport in transports:
-            if transport is not None:
-                transport.abortConnection()
+        _abort(http, websockets)
 
-    timer = reactor.callLater(timeout, cut_the_rest)
+    def _still_open(self) -> tuple[list[HTTPChannelSelector], list[Any]]:
+        http = [protocol for protocol in self._http if protocol.tracked]
+        return http, list(self._websockets.connections)
 
-    def finished(_: object) -> None:
-        if timer.active():
-            timer.cancel()
+    def _finished(self, _: object) -> None:
+        if self._timer.active():
+            self._timer.cancel()
         log.info("drained all connections")
-        done.callback(None)
+        self.done.callback(None)
 
-    everything_closed.addCallback(finished)
-    return done
+
+def _abort(http: list[HTTPChannelSelector], websockets: list[Any]) -> None:
+    transports = [protocol._channel.transport for protocol in http]
+    transports += [websocket.transport for websocket in websockets]
+    for transport in transports:
+        if transport is not None:
+            transport.abortConnection()
 
 
 def _drain_http(protocol: HTTPChannelSelector) -> None:

@@ -4,6 +4,8 @@ Listening for connections: endpoints from options, the Site, the service.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +30,7 @@ from desperados._logging import observer as log_observer
 from desperados.builder import PlugSpec
 from desperados.channel import HTTPChannelSelector, build_channel
 from desperados.compression import Compression
-from desperados.drain import DEFAULT_DRAIN_TIMEOUT, drain_connections
+from desperados.drain import DEFAULT_DRAIN_TIMEOUT, Drain
 from desperados.http1 import ConnectionLimit, HTTPOptions
 from desperados.resource import DEFAULT_RESPONSE_TIMEOUT, PlugResource
 from desperados.tls import TLSServerEndpoint, certificate_options
@@ -78,6 +80,8 @@ class DesperadosSite(Site):
         super().__init__(resource, **kwargs)
         self.plug_resource = resource
         self.connections: dict[HTTPChannel, HTTPChannelSelector] = {}
+        self._drains: list[Drain] = []
+        self._abort_requested = False
         self.http_options = options
         self.connection_limit = ConnectionLimit(
             options.max_connections, self.reactor, options.linger_timeout
@@ -124,12 +128,24 @@ class DesperadosSite(Site):
         """
         resource = self.plug_resource
         resource.draining = True
-        return drain_connections(
+        drain = Drain(
             self.connections.values(),
             resource.websockets,
             timeout=timeout,
             reactor=self.reactor,
         )
+        self._drains.append(drain)
+        if self._abort_requested:
+            drain.abort()
+        return drain.done
+
+    def abort_drain(self) -> None:
+        """
+        Abort the connections that a drain still waits for, now or once it starts.
+        """
+        self._abort_requested = True
+        for drain in self._drains:
+            drain.abort()
 
 
 def _observe_connection(protocol: Any) -> None:
@@ -442,6 +458,10 @@ class DesperadosService(Service):
     :param drain_timeout: seconds to wait for connections to close.
     :param reactor: stopped when an endpoint cannot listen, so that twistd
         exits instead of running without a port; None for no such stop.
+    :param abort_on_signal: while the service drains, make SIGTERM and SIGINT
+        abort the connections still open instead of waiting for the drain
+        timeout (twistd sets it; a program that embeds the service may have
+        its own use for those signals).
     """
 
     def __init__(
@@ -453,8 +473,10 @@ class DesperadosService(Service):
         startup_log: LogLevel | None = LogLevel.info,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         reactor: Any = None,
+        abort_on_signal: bool = False,
     ) -> None:
         self.reactor = reactor
+        self.abort_on_signal = abort_on_signal
         self.site = site
         self.endpoints = list(endpoints)
         self.plug_name = plug_name
@@ -490,5 +512,26 @@ class DesperadosService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self.abort_on_signal:
+            self._abort_on_next_signal()
         ports, self.ports = self.ports, []
         return _stop_and_drain(self.site, _stop_listening(ports), self.drain_timeout)
+
+    def _abort_on_next_signal(self) -> None:
+        # The reactor's own handlers would call reactor.stop() again, which
+        # raises ReactorNotRunning while the reactor shuts down.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+
+        def abort(signum: int, frame: object) -> None:
+            log.info(
+                "received {signal} while draining",
+                signal=signal.Signals(signum).name,
+            )
+            reactor.callFromThread(self.site.abort_drain)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, abort)

@@ -284,3 +284,55 @@ async def test_stop_sends_goaway_and_finishes_http2_streams(scheme, tls_files, l
     assert final.last_stream_id == slow
     assert final.error_code == 0
     assert logs.with_format("HTTP/2 connection error") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_signal_aborts_twistd_drain():
+    process = await TwistdProcess.start(
+        "--listen=tcp:0:interface=127.0.0.1",
+        "--plug=apps.SlowApp",
+        "--drain-timeout=60",
+        env={"SLOW_SECONDS": "60"},
+    )
+    try:
+        busy = await connect(process.port())
+        busy.send(GET_SLOW)
+        await process.wait_for("slow request started")
+
+        process.signal("TERM")
+        await process.wait_for("draining {http} HTTP")
+        process.signal("INT")
+        await busy.wait_closed()
+        await _with_timeout(process.ended, 30)
+    finally:
+        process.kill()
+
+    assert busy.buffer == b""
+    [aborted] = process.with_format("drain stopped early")
+    assert aborted["http"] == 1
+    assert aborted["websockets"] == 0
+    [received] = process.with_format("received {signal} while draining")
+    assert received["signal"] == "SIGINT"
+    levels = {event["log_level"]["name"] for event in process.events}
+    assert "critical" not in levels
+    assert process.exit_signal == signal.SIGTERM
+
+
+@pytest_twisted.ensureDeferred
+async def test_abort_drain_cuts_connections_now(logs):
+    waiting = Waiting()
+    server = await _start(waiting)
+    busy = await connect(server.getHost().port)
+    busy.send(GET_SLOW)
+    await waiting.arrived
+
+    stopped = server.stop(drain_timeout=60)
+    # The ports are still closing, so the drain has not started yet.
+    server.site.abort_drain()
+    await stopped
+    await busy.wait_closed()
+
+    assert busy.buffer == b""
+    [aborted] = logs.with_format("drain stopped early")
+    assert aborted["http"] == 1
+    assert logs.with_format("drain timed out") == []

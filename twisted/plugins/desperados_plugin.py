@@ -342,6 +342,7 @@ class DesperadosServiceMaker:
             startup_log=startup_level,
             drain_timeout=options["drain-timeout"],
             reactor=reactor,
+            abort_on_signal=True,
         )
 
 
