@@ -151,6 +151,7 @@ class DesperadosChannel(HTTPChannel):
     _deadline_call: Any = None
     _abort_call: Any = None
     _last_body_read = 0.0
+    _body_timeout_paused = False
     # What twisted.web was parsing when it called
     # _respondToBadRequestAndDisconnect, which does not say why.
     _parsing: tuple[str, bytes] | None = None
@@ -339,6 +340,22 @@ class DesperadosChannel(HTTPChannel):
             self._set_deadline(kind, timeout)
         super().requestDone(request)
 
+    def pause_body_timeout(self) -> None:
+        """
+        Stop the body timeout while the server, not the client, is slow.
+
+        Call it when reading is paused because no plug reads the request
+        body yet; the client then cannot send, and must not get 408.
+        """
+        self._body_timeout_paused = True
+
+    def resume_body_timeout(self) -> None:
+        """
+        Start the body timeout again, counting from now.
+        """
+        self._body_timeout_paused = False
+        self._last_body_read = self._reactor.seconds()
+
     # Errors
 
     def _respondToBadRequestAndDisconnect(self) -> None:
@@ -361,7 +378,12 @@ class DesperadosChannel(HTTPChannel):
             status=status,
             reason=reason,
         )
-        self.transport.write(_error_response(status, reason, self._reactor.seconds()))
+        # A response already under way (its body still streaming while the
+        # request body arrives) cannot be followed by another: just close.
+        if not any(request.startedWriting for request in self.requests):
+            self.transport.write(
+                _error_response(status, reason, self._reactor.seconds())
+            )
         self._close()
 
     def _close(self) -> None:
@@ -414,6 +436,9 @@ class DesperadosChannel(HTTPChannel):
             return
         deadline = self._deadline_at
         if kind is _BODY:
+            # While the body timeout is paused, the last read counts as now.
+            if self._body_timeout_paused:
+                self._last_body_read = self._reactor.seconds()
             deadline = self._last_body_read + (self.options.body_timeout or 0.0)
         remaining = deadline - self._reactor.seconds()
         if remaining > 0:

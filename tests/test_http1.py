@@ -16,12 +16,14 @@ import pytest_twisted
 from http2_support import connect_raw_tls
 from support import RawClient, Response, connect, upgrade_request
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.usage import UsageError
 
 from desperados import HTTPOptions
+from desperados.server import make_site
 
 T = TypeVar("T")
 
@@ -841,3 +843,50 @@ def test_twistd_invalid_limit_is_usage_error(argument):
 
     with pytest.raises(UsageError, match=argument.split("=")[0]):
         Options().parseOptions([argument])
+
+
+# In memory, with a Clock
+
+
+def _connect_in_memory(**options: object) -> tuple[object, StringTransport, Clock]:
+    clock = Clock()
+    site = make_site(reactor=clock, http_options=HTTPOptions(**options))
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8082),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+    )
+    protocol = site.buildProtocol(transport.getPeer())
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol.wrappedProtocol._channel, transport, clock
+
+
+def test_paused_body_timeout_does_not_fire():
+    channel, transport, clock = _connect_in_memory(body_timeout=1.0)
+    channel.dataReceived(_request(HOST, b"Content-Length: 10", body=b"abc"))
+
+    channel.pause_body_timeout()
+    clock.advance(5.0)
+    paused_output = transport.value()
+    channel.resume_body_timeout()
+    clock.advance(0.5)
+    resumed_output = transport.value()
+    clock.advance(0.6)
+
+    assert paused_output == b""
+    assert resumed_output == b""
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+
+
+def test_deadline_after_response_started_only_closes():
+    """
+    A 408 cannot follow a response that has started: the channel only closes.
+    """
+    channel, transport, clock = _connect_in_memory(body_timeout=1.0)
+    channel.dataReceived(_request(HOST, b"Content-Length: 10", body=b"abc"))
+    channel.requests[-1].startedWriting = True
+
+    clock.advance(1.5)
+
+    assert transport.value() == b""
+    assert transport.disconnecting
