@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import statistics
@@ -132,6 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", help="cProfile one case, such as desperados:ws16")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per case; the median is shown")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
     all_sites = sites()
 
@@ -144,7 +146,9 @@ def main() -> int:
         pstats.Stats(profile).sort_stats("tottime").print_stats(35)
         return 0
 
-    print(f"pid {os.getpid()}, {args.rounds} rounds, median microseconds of CPU")
+    if not args.json:
+        print(f"pid {os.getpid()}, {args.rounds} rounds, median microseconds of CPU")
+    found = {}
     for case, (names, run, count) in CASES.items():
         figures = {}
         for name in names:
@@ -155,10 +159,15 @@ def main() -> int:
                 rounds[name].append(run(all_sites[name], count) * 1e6)
         for name in names:
             figures[name] = statistics.median(rounds[name])
+            found[f"{name} {case}"] = figures[name]
+        if args.json:
+            continue
         base_name = "twisted" if case == "http" else "autobahn"
         base = figures[base_name]
         text = ", ".join(f"{name} {value:.1f}" for name, value in figures.items())
         print(f"{case:6} {text}; desperados/{base_name} {figures['desperados'] / base:.2f}")
+    if args.json:
+        print(json.dumps(found))
     return 0
 
 

@@ -608,6 +608,8 @@ def measure(plan: Plan, setup: Setup, results: dict, failures: dict) -> None:
         # Rotate the order so no server always runs right after the same one.
         shift = rep % len(plan.servers)
         order = plan.servers[shift:] + plan.servers[:shift]
+        if "micro" in plan.kinds:
+            _record_micro(setup, results, failures)
         for server in order:
             if plan.kinds & {"http", "ws", "memory"} & set(server.kinds):
                 _measure_plain(plan, setup, server, results, failures)
@@ -629,6 +631,61 @@ def _record(results: dict, failures: dict, server: Server, cell: str, job) -> No
         f"  server cpu {result.get('server_cpu', 0):4.0%}  client cpu {result.get('client_cpu', 0):4.0%}",
         flush=True,
     )
+
+
+MICRO_CASES = {
+    "http": ("HTTP 404, keep-alive", "twisted"),
+    "ws16": ("WebSocket echo, 16 B text", "autobahn"),
+    "ws16k": ("WebSocket echo, 16 KiB text", "autobahn"),
+}
+
+
+def _record_micro(setup: Setup, results: dict, failures: dict) -> None:
+    """
+    Run bench/micro.py once: CPU time per request and per echo, in process.
+    """
+    argv = [setup.python, str(BENCH / "micro.py"), "--json", "--rounds", "3"]
+    try:
+        output = run(["taskset", "-c", SERVER_CPU, *argv], cwd=ROOT)
+        found = json.loads(output.strip().splitlines()[-1])
+    except (subprocess.CalledProcessError, ValueError) as error:
+        failures.setdefault(("micro", "run"), str(getattr(error, "stderr", "") or error)[:2000])
+        print(f"  micro: FAILED {str(error)[:300]}", flush=True)
+        return
+    for key, microseconds in found.items():
+        name, case = key.split()
+        results.setdefault((f"micro-{name}", case), []).append({"rate": microseconds})
+    print("  micro: " + ", ".join(f"{key} {value:.1f} us" for key, value in found.items()), flush=True)
+
+
+def _micro_table(results: dict) -> list[str]:
+    rows = []
+    for case, (label, floor) in MICRO_CASES.items():
+        ours = _median(results, "micro-desperados", case)
+        theirs = _median(results, f"micro-{floor}", case)
+        if ours is None or theirs is None:
+            continue
+        speed = statistics.median(
+            b["rate"] / a["rate"]
+            for a, b in zip(results[("micro-desperados", case)], results[(f"micro-{floor}", case)])
+        )
+        rows.append(f"| {label} | {ours:.1f} µs | {floor} | {theirs:.1f} µs | {speed:.2f}x |")
+    if not rows:
+        return []
+    return [
+        "",
+        "### CPU time per request or message, in process",
+        "",
+        "`bench/micro.py` feeds exact bytes to each server's protocol on an in-memory"
+        " transport and times `time.process_time`: the server's own CPU cost, without"
+        " sockets or the load generator, which moves far less than the loopback figures"
+        " when other work shares the machine. Speed is the floor's time divided by"
+        " desperados' (above 1.00x, desperados needs less CPU).",
+        "",
+        "| case | desperados | floor | floor's time | speed |",
+        "| --- | ---: | --- | ---: | ---: |",
+        *rows,
+    ]
 
 
 def _measure_plain(plan: Plan, setup: Setup, server: Server, results: dict, failures: dict) -> None:
@@ -839,6 +896,7 @@ def render(plan: Plan, info: dict, results: dict, failures: dict) -> str:
         out.append("Not measured in this run.")
 
     out += _floors(plan, results)
+    out += _micro_table(results)
     out += ["", "### Is the load generator the bottleneck?", ""]
     out += [
         "CPU share of one core over the timed window, highest client share and lowest"
@@ -912,15 +970,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 1)")
     parser.add_argument("--memory-conns", type=int, help="idle WebSockets held open (default 5000, quick 1000)")
     parser.add_argument("--servers", help="comma-separated subset of: " + ", ".join(s.name for s in ALL_SERVERS))
-    parser.add_argument("--only", help="comma-separated subset of: http, ws, memory, h2")
+    parser.add_argument("--only", help="comma-separated subset of: http, ws, memory, h2, micro")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="the page to write")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--venv", type=Path, default=BENCH / ".venv", help="the venv with the Python servers")
     args = parser.parse_args(argv)
 
-    kinds = set((args.only or "http,ws,memory,h2").split(","))
+    kinds = set((args.only or "http,ws,memory,h2,micro").split(","))
     names = (args.servers or ",".join(s.name for s in ALL_SERVERS)).split(",")
-    unknown = [n for n in names if n not in {s.name for s in ALL_SERVERS}] + sorted(kinds - {"http", "ws", "memory", "h2"})
+    unknown = [n for n in names if n not in {s.name for s in ALL_SERVERS}] + sorted(kinds - {"http", "ws", "memory", "h2", "micro"})
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
     plan = Plan(
