@@ -139,6 +139,14 @@ class DesperadosSite(Site):
             drain.abort()
         return drain.done
 
+    def end_drain(self) -> None:
+        """
+        Serve normally again after a drain, as when a stopped service restarts.
+        """
+        self.plug_resource.draining = False
+        self._abort_requested = False
+        self._drains = [drain for drain in self._drains if not drain.done.called]
+
     def abort_drain(self) -> None:
         """
         Abort the connections that a drain still waits for, now or once it starts.
@@ -487,6 +495,7 @@ class DesperadosService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.site.end_drain()
         self._listening = DeferredList(
             [self._listen(endpoint) for endpoint in self.endpoints],
             fireOnOneErrback=True,

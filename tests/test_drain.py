@@ -14,11 +14,13 @@ from support import close_payload, connect, open_websocket, upgrade_request
 from twistd_process import TwistdProcess
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 
 from desperados import Builder, start_link
 from desperados.endpoints import Websocket
 from desperados.plugs import Websocket as DetectWebsocket
+from desperados.server import DesperadosService, make_site
 
 TEXT, CLOSE = 0x1, 0x8
 GET_SLOW = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -336,3 +338,26 @@ async def test_abort_drain_cuts_connections_now(logs):
     [aborted] = logs.with_format("drain stopped early")
     assert aborted["http"] == 1
     assert logs.with_format("drain timed out") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarted_service_serves_normally():
+    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    pipeline = Builder([DetectWebsocket, Websocket])
+    service = DesperadosService(
+        make_site(pipeline, reactor=reactor),
+        [endpoint],
+        plug_name="test",
+        startup_log=None,
+    )
+    service.startService()
+    await service._listening
+    await service.stopService()
+
+    service.startService()
+    await service._listening
+    websocket, upgraded = await open_websocket(service.ports[0].getHost().port)
+    websocket.transport.loseConnection()
+    await service.stopService()
+
+    assert upgraded.status == 101
