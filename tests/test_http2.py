@@ -23,6 +23,7 @@ from support import connect
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from desperados.http1 import HTTPOptions
 from desperados.http2 import H2Connection
 
 BIG_BODY = bytes(range(256)) * 800  # 204,800 bytes: several windows' worth
@@ -280,3 +281,65 @@ async def test_settings_opening_window_resume_stream(serve, transport, logs):
 
     assert response.body == BIG_BODY
     assert _no_failures(logs) == []
+
+
+# Closing
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_goaway_closes_connection(serve, transport, logs):
+    port = await serve(_describe, **_server_options(transport))
+    client = await connect_h2(port, transport)
+    await client.response(client.request("/before"))
+
+    client.conn.close_connection()
+    client.flush()
+    await client.wait_closed()
+
+    assert client.closed
+    assert not client.gave_up
+    assert logs.with_format("HTTP/2 connection error") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_timeout_sends_goaway_then_closes(serve, transport):
+    options = _server_options(transport)
+    port = await serve(_describe, http_options=HTTPOptions(keepalive_timeout=0.2), **options)
+    client = await connect_h2(port, transport)
+    await client.response(client.request("/once"))
+
+    await client.wait_closed()
+
+    goaways = client.frames_of(GoAwayFrame)
+    assert not client.gave_up
+    assert len(goaways) == 1
+    assert goaways[0].error_code == ErrorCodes.NO_ERROR
+    assert client.frames[-1] is goaways[0]
+
+
+def _raise_on_boom(conn, opts):
+    if conn.request_path == "/boom":
+        raise RuntimeError("plug failed on purpose")
+    return conn.send_resp(200, b"fine").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_raising_plug_fails_only_its_stream(serve, transport, logs):
+    port = await serve(_raise_on_boom, **_server_options(transport))
+    client = await connect_h2(port, transport)
+
+    boom = client.request("/boom")
+    fine = client.request("/fine")
+    failed = await client.response(boom)
+    served = await client.response(fine)
+    after = await client.response(client.request("/after"))
+    client.transport.loseConnection()
+
+    assert failed.status == 500
+    assert failed.body == b"internal server error"
+    assert failed.header(b"connection") is None
+    assert served.body == b"fine"
+    assert after.body == b"fine"
+    failures = [event for event in logs.events if event.get("log_failure")]
+    assert len(failures) == 1
+    failures[0]["log_failure"].trap(RuntimeError)
