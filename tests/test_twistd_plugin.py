@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from http2_support import connect_h2
 from support import connect, start_twistd, stop_process, upgrade_request
 from twisted.application.service import IServiceMaker
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from desperados.server import DesperadosService
@@ -213,3 +215,70 @@ def test_plugin_found_after_install(tmp_path, editable):
     assert count == "1"
     expected_home = tmp_path / "source" if editable else tmp_path / "venv"
     assert Path(module_file).is_relative_to(expected_home)
+
+
+def test_scheme_https_wraps_every_listener_in_tls(tls_files):
+    reactor = MemoryReactor()
+    options = _options(
+        "--scheme", "https",
+        "--certfile", tls_files.certfile,
+        "--keyfile", tls_files.keyfile,
+        "--listen", "tcp:9443:interface=127.0.0.1",
+        "--listen", "unix:/tmp/d-tls.sock",
+    )  # fmt: skip
+
+    service = _service_maker().makeService(options, reactor=reactor)
+    service.startService()
+
+    factories = [factory for _, factory, *_ in reactor.tcpServers + reactor.unixServers]
+    assert len(factories) == 2
+    for factory in factories:
+        assert isinstance(factory, TLSMemoryBIOFactory)
+        assert factory.wrappedFactory is service.site
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--scheme", "https"], "needs both --certfile and --keyfile"),
+        (["--scheme", "https", "--certfile", "CERT"], "needs both --certfile and --keyfile"),
+        (["--certfile", "CERT", "--keyfile", "KEY"], "need --scheme https"),
+        (["--scheme", "ftp"], "--scheme must be http or https"),
+        (["--scheme", "https", "--certfile", "CERT", "--keyfile", "CERT"], "unencrypted PEM"),
+        (["--scheme", "https", "--certfile", "KEY", "--keyfile", "KEY"], "cannot load"),
+        (["--scheme", "https", "--certfile", "CERT", "--keyfile", "missing.pem"], "cannot load"),
+        (
+            ["--scheme", "https", "--certfile", "CERT", "--keyfile", "KEY", "--listen", "ssl:8443"],
+            "brings its own certificate",
+        ),
+    ],
+)
+def test_bad_tls_options_are_usage_errors(tls_files, arguments, message):
+    files = {"CERT": tls_files.certfile, "KEY": tls_files.keyfile}
+    arguments = [files.get(argument, argument) for argument in arguments]
+
+    with pytest.raises(usage.UsageError, match=message):
+        _options(*arguments)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_https_with_http2(tls_files):
+    process, address = start_twistd(
+        "--port", "0",
+        "--ip", "127.0.0.1",
+        "--scheme", "https",
+        "--certfile", tls_files.certfile,
+        "--keyfile", tls_files.keyfile,
+    )  # fmt: skip
+    try:
+        port = int(address.rsplit(":", 1)[1])
+        client = await connect_h2(port, tls_files)
+        response = await client.response(client.request("/test"))
+        negotiated = client.transport.negotiatedProtocol
+        client.transport.loseConnection()
+    finally:
+        stop_process(process)
+
+    assert negotiated == b"h2"
+    assert response.status == 404
+    assert response.body == b"not found"
