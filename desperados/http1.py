@@ -121,6 +121,9 @@ _REASON_PHRASES = {
     505: b"HTTP Version Not Supported",
 }
 
+# RFC 9112 section 3.2.2: absolute-form, http or https only.
+_ABSOLUTE_FORM = re.compile(rb"(?i:https?)://([^/?#]*)([^#]*)")
+
 # Deadline kinds: waiting for a request, reading its head, reading its body.
 _IDLE = "idle"
 _HEAD = "head"
@@ -151,6 +154,8 @@ class DesperadosChannel(HTTPChannel):
     _deadline_call: Any = None
     _abort_call: Any = None
     _last_body_read = 0.0
+    # The authority of an absolute-form request target, which replaces Host.
+    _target_authority: bytes | None = None
     _body_timeout_paused = False
     # What twisted.web was parsing when it called
     # _respondToBadRequestAndDisconnect, which does not say why.
@@ -219,8 +224,10 @@ class DesperadosChannel(HTTPChannel):
             self._set_deadline(_HEAD, self.options.header_timeout)
         if not self._in_head:
             if line:
-                if not self._check_request_line(line):
+                checked = self._check_request_line(line)
+                if checked is None:
                     return
+                line = checked
                 self._in_head = True
                 self._header_count = 0
             self._parsing = ("request line", line)
@@ -242,19 +249,49 @@ class DesperadosChannel(HTTPChannel):
         else:
             self._reject(414, "request line too long")
 
-    def _check_request_line(self, line: bytes) -> bool:
+    def _check_request_line(self, line: bytes) -> bytes | None:
+        """
+        Check a request line and return it in origin-form, or None if rejected.
+        """
+        self._target_authority = None
         if len(line) > self.options.max_request_line_length:
             self._reject(414, "request line too long")
-            return False
+            return None
         if line.translate(None, _REQUEST_LINE_BYTES):
             reason = "bare LF in the request head" if b"\n" in line else None
             self._reject(400, reason or "invalid character in the request line")
-            return False
-        version = line.rpartition(b" ")[2]
+            return None
+        method, _, rest = line.partition(b" ")
+        target, _, version = rest.partition(b" ")
         if _HTTP_VERSION.fullmatch(version) and not version.startswith(b"HTTP/1."):
             self._reject(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-            return False
-        return True
+            return None
+        if target[:1] == b"/" or (target == b"*" and method == b"OPTIONS"):
+            return line
+        if method == b"CONNECT":
+            # Authority-form; the pipeline decides what to do with it.
+            return line
+        return self._origin_form(method, target, version)
+
+    def _origin_form(
+        self, method: bytes, target: bytes, version: bytes
+    ) -> bytes | None:
+        # RFC 9112 section 3.2.2: for an absolute-form target, the server
+        # must ignore Host and use the target's authority.  twisted.web
+        # keeps the whole URI as the path; allHeadersReceived sets Host.
+        match = _ABSOLUTE_FORM.fullmatch(target)
+        if match is None:
+            self._reject(400, "invalid request target")
+            return None
+        authority, path = match.group(1), match.group(2)
+        # RFC 9110 section 4.2.4: userinfo in an http(s) URI is an error.
+        if not authority or b"@" in authority or not _HOST.fullmatch(authority):
+            self._reject(400, "invalid authority in the request target")
+            return None
+        if not path.startswith(b"/"):
+            path = b"/" + path
+        self._target_authority = authority
+        return method + b" " + path + b" " + version
 
     def _check_field_line(self, line: bytes) -> bool:
         options = self.options
@@ -286,6 +323,8 @@ class DesperadosChannel(HTTPChannel):
         if reason is not None:
             self._reject(400, reason)
             return
+        if self._target_authority is not None:
+            request.requestHeaders.setRawHeaders(b"host", [self._target_authority])
         if self.length != 0:
             self._set_deadline(_BODY, self.options.body_timeout)
             self._last_body_read = self._reactor.seconds()

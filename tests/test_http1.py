@@ -621,7 +621,7 @@ MALFORMED = [
     (
         "two_spaces",
         b"GET  /test HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-        "malformed request line",
+        "invalid request target",
     ),
     ("no_version", b"GET /test\r\nHost: 127.0.0.1\r\n\r\n", "malformed request line"),
     (
@@ -655,6 +655,37 @@ MALFORMED = [
         "invalid character in the request line",
     ),
     ("two_empty_lines_first", b"\r\n\r\n" + GET, "malformed request line"),
+    # RFC 9112 section 3.2: the four forms of request-target.
+    (
+        "relative_target",
+        _request(HOST, line=b"GET test HTTP/1.1"),
+        "invalid request target",
+    ),
+    (
+        "asterisk_with_get",
+        _request(HOST, line=b"GET * HTTP/1.1"),
+        "invalid request target",
+    ),
+    (
+        "absolute_ftp_target",
+        _request(HOST, line=b"GET ftp://127.0.0.1/ HTTP/1.1"),
+        "invalid request target",
+    ),
+    (
+        "absolute_target_with_userinfo",
+        _request(HOST, line=b"GET http://user@127.0.0.1/ HTTP/1.1"),
+        "invalid authority in the request target",
+    ),
+    (
+        "absolute_target_without_host",
+        _request(HOST, line=b"GET http:///test HTTP/1.1"),
+        "invalid authority in the request target",
+    ),
+    (
+        "absolute_target_without_host_header",
+        _request(line=b"GET http://127.0.0.1/test HTTP/1.1"),
+        "missing Host header",
+    ),
 ]
 
 
@@ -669,6 +700,41 @@ async def test_malformed_request_gets_400(serve, logs, data, reason):
     if reason is not None:
         assert rejection_reason(logs) == reason
         assert response.body == reason.encode("ascii") + b"\n"
+
+
+def _echo_target(conn, opts):
+    return conn.send_resp(200, f"{conn.host} {conn.port} {conn.request_path}").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_absolute_target_replaces_host(serve):
+    """
+    RFC 9112 section 3.2.2: the target's authority wins over Host.
+    """
+    port = await serve(_echo_target)
+    client = await connect(port)
+
+    client.send(
+        _request(b"Host: other.example", line=b"GET HTTP://example.com:81?x=1 HTTP/1.1")
+    )
+    response = await bounded(client.read_response())
+
+    assert response.status == 200
+    assert response.body == b"example.com 81 /"
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_options_asterisk_is_served(serve):
+    """
+    twisted.web's Site answers OPTIONS * itself, before the pipeline.
+    """
+    response, client = await request_once(
+        serve, _request(HOST, line=b"OPTIONS * HTTP/1.1")
+    )
+
+    assert response.status == 200
+    client.transport.loseConnection()
 
 
 @pytest_twisted.ensureDeferred
