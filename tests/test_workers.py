@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -191,3 +193,40 @@ def test_metrics_add_up_over_workers(workers):
     assert status == 200
     assert len(seen) == 2
     assert samples[("desperados_http_requests_total", (("method", "GET"), ("status", "200")))] == 10
+
+
+def test_crashing_worker_restarts_with_growing_delay(workers):
+    process, port, log = workers("--workers=2", "--plug=embedded_app.does_not_exist")
+    wait_for_event(log, "exited unexpectedly", count=4, timeout=2 * START_TIMEOUT)
+    stop(process)
+
+    exits = [e for e in read_events(log) if "exited unexpectedly" in e.get("log_format", "")]
+    first_worker = [event for event in exits if event["index"] == 0]
+    assert [event["delay"] for event in first_worker[:2]] == pytest.approx([0.1, 0.2])
+    assert exits[0]["status"] == "exit code 1"
+
+
+def test_workers_serve_tls_behind_proxy_protocol(workers, tls_files):
+    listen_port = free_port()
+    process, _, log = workers(
+        "--workers=2",
+        f"--listen=haproxy:tcp:{listen_port}:interface=127.0.0.1",
+        "--scheme=https",
+        f"--certfile={tls_files.certfile}",
+        f"--keyfile={tls_files.keyfile}",
+    )
+    wait_for_event(log, "worker {index} serving", count=2, timeout=START_TIMEOUT)
+
+    context = ssl.create_default_context(cadata=tls_files.certificate_pem.decode())
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", listen_port), timeout=30) as raw:
+        raw.sendall(b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 443\r\n")
+        with context.wrap_socket(raw) as secure:
+            secure.sendall(b"GET /client HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            response = b""
+            while chunk := secure.recv(65536):
+                response += chunk
+    stop(process)
+
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert response.endswith(b"\r\n\r\nhttps 198.51.100.9")
