@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from subprocesses import TWISTD, child_env, free_port, get, read_events, stop, wait_for_event
 
 from desperados.reload import source_paths
@@ -28,6 +29,7 @@ def _write_app(path: Path, version: int, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
+@pytest.mark.slow
 def test_changed_plug_module_restarts_worker(tmp_path: Path):
     app_dir = tmp_path / "app"
     app_dir.mkdir()

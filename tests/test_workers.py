@@ -19,6 +19,8 @@ from subprocesses import TWISTD, child_env, free_port, get, read_events, stop, w
 # Starting Python with Twisted and Autobahn takes seconds on a busy machine.
 START_TIMEOUT = 60
 
+pytestmark = pytest.mark.slow
+
 
 def _start(tmp_path: Path, *options: str) -> tuple[subprocess.Popen, int, Path]:
     port = free_port()
