@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 
-from desperados.http1 import DesperadosChannel
+from desperados.request import StreamingChannel
 from desperados.http2 import H2Connection
 
 # RFC 9113 section 3.4: a client that knows the server speaks HTTP/2 starts
@@ -144,4 +144,4 @@ def build_channel(site: Any) -> HTTPChannelSelector:
     This is the C{protocol} of desperados' Site; the Site then sets the
     factory, request factory, timeout and clock on the result.
     """
-    return HTTPChannelSelector(DesperadosChannel())
+    return HTTPChannelSelector(StreamingChannel())

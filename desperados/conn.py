@@ -4,10 +4,14 @@ The Conn: one request and its response, the value every plug receives.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Protocol
+from typing import IO, Protocol
 
+from twisted.internet.defer import Deferred, succeed
+
+from desperados.body import DEFAULT_READ_LENGTH, DEFAULT_READ_TIMEOUT, BodyChunk
 from desperados.cookies import (
     ResponseCookie,
     expired_cookie,
@@ -43,6 +47,34 @@ class ConnAdapter(Protocol):
     def send_resp(self, conn: Conn, body: bytes) -> None:
         """
         Write the status line, C{conn.resp_headers} and C{body}, then finish.
+        """
+
+    def read_body(
+        self, conn: Conn, length: int, timeout: float | None
+    ) -> Deferred[BodyChunk]:
+        """
+        Return a Deferred of the next request body bytes; see L{Conn.read_body}.
+        """
+
+    def send_chunked(self, conn: Conn) -> None:
+        """
+        Write the status line and C{conn.resp_headers}; the body follows in chunks.
+        """
+
+    def chunk(self, conn: Conn, data: bytes) -> Deferred[Conn]:
+        """
+        Write one part of a chunked body; see L{Conn.chunk}.
+        """
+
+    def send_file(self, conn: Conn, file: IO[bytes], offset: int, length: int) -> None:
+        """
+        Write the head, then C{length} bytes of C{file} from C{offset}, then
+        finish, and close C{file}.
+        """
+
+    def inform(self, conn: Conn, status: int, headers: list[tuple[str, str]]) -> None:
+        """
+        Write an informational (1xx) response head before the final response.
         """
 
 
@@ -408,6 +440,141 @@ class Conn:
             self.adapter.send_resp(self, body_bytes)
         return self
 
+    # Request body
+
+    def read_body(
+        self,
+        length: int = DEFAULT_READ_LENGTH,
+        timeout: float | None = DEFAULT_READ_TIMEOUT,
+    ) -> Deferred[BodyChunk]:
+        """
+        Read the next part of the request body, as it arrives.
+
+        Returns a Deferred (awaitable in a coroutine plug) that fires with a
+        L{BodyChunk} C{(data, more)} as soon as body bytes are available:
+        at most C{length} of them, and C{more} False once the last byte was
+        returned.  Keep calling while C{more} is True to stream a large
+        upload; the server stops reading from the client while unread bytes
+        pile up, so memory stays bounded.  The first call sends
+        C{100 Continue} if the client asked for it.
+
+        :param length: the maximum number of bytes returned by this call.
+        :param timeout: seconds to wait for the next bytes; None waits for ever.
+        :returns: a Deferred that fails with
+            L{desperados.errors.BodyTooLargeError} (413) when the body is
+            larger than the server's C{max_body_size},
+            L{desperados.errors.RequestTimeoutError} (408) when nothing
+            arrived within C{timeout}, or
+            L{desperados.errors.ClientDisconnectedError} when the client went
+            away.  Left uncaught, the HTTP bridge answers the first two with
+            their status and closes the connection.
+        :raises ValueError: for a C{length} below 1, or while another
+            C{read_body} is still waiting.
+        """
+        if self.adapter is None:
+            return succeed(BodyChunk(b"", False))
+        return self.adapter.read_body(self, length, timeout)
+
+    # Streaming responses
+
+    def send_chunked(self, status: int) -> Conn:
+        """
+        Send the status and headers now; send the body with L{chunk}.
+
+        Over HTTP/1.1 the body goes out with chunked transfer coding (unless
+        the plug set a Content-Length); over HTTP/2 as DATA frames.  The
+        response ends when the pipeline returns.
+
+        :raises AlreadySentError: if the response was already sent.
+        """
+        self._check_not_sent("send a chunked response")
+        self.status = _check_status(status)
+        self.run_before_send()
+        self.state = CHUNKED
+        if self.adapter is not None:
+            self.adapter.send_chunked(self)
+        return self
+
+    def chunk(self, data: bytes | str) -> Deferred[Conn]:
+        """
+        Send C{data} as the next part of a response started by L{send_chunked}.
+
+        Returns a Deferred that fires with this Conn when the connection can
+        take more; a plug that awaits it before the next chunk never buffers
+        more than the transport's buffer.  An empty C{data} sends nothing.
+
+        :raises AlreadySentError: if the response was sent some other way.
+        :raises ValueError: if L{send_chunked} was not called.
+        :raises ClientDisconnectedError: if the client closed the connection.
+        """
+        if self.state != CHUNKED:
+            msg = f"cannot send a chunk: expected a chunked response, the response is {self.state}"
+            if self.state in (SENT, UPGRADED):
+                raise AlreadySentError(msg)
+            raise ValueError(msg)
+        if self.adapter is None:
+            return succeed(self)
+        return self.adapter.chunk(self, _encode_body(data))
+
+    def send_file(
+        self, status: int, path: str | os.PathLike[str], offset: int = 0, length: int | None = None
+    ) -> Conn:
+        """
+        Send C{length} bytes of the file at C{path} from C{offset}, streamed.
+
+        The file is read a block at a time as the connection drains, never
+        whole.  Content-Length is set to the number of bytes sent.
+
+        :param length: the number of bytes to send; None sends up to the end.
+        :raises AlreadySentError: if the response was already sent.
+        :raises OSError: if the file cannot be opened.
+        :raises ValueError: if C{offset} or C{length} fall outside the file.
+        """
+        self._check_not_sent("send a file")
+        status = _check_status(status)
+        file = open(path, "rb")  # noqa: SIM115 - the adapter closes it
+        try:
+            size = os.fstat(file.fileno()).st_size
+            length = _check_range(offset, length, size)
+            self.status = status
+            self.put_resp_header("content-length", str(length))
+            self.run_before_send()
+        except BaseException:
+            file.close()
+            raise
+        self.state = SENT
+        if self.adapter is None:
+            file.close()
+            return self
+        self.adapter.send_file(self, file, offset, length)
+        return self
+
+    def inform(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> Conn:
+        """
+        Send an informational (1xx) response, such as 103 Early Hints.
+
+        Does nothing for an HTTP/1.0 request: RFC 9110 section 15.2 forbids
+        sending 1xx responses to HTTP/1.0 clients.
+
+        :param headers: C{(name, value)} pairs, such as
+            C{[("link", "</style.css>; rel=preload; as=style")]}.
+        :raises ValueError: for a status outside 100-199, or 101 (use
+            L{upgrade}).
+        :raises AlreadySentError: if the response was already sent.
+        """
+        if not isinstance(status, int) or not 100 <= status <= 199 or status == 101:
+            msg = f"expected an informational status from 100 to 199 other than 101, got {status!r}"
+            raise ValueError(msg)
+        self._check_not_sent("send an informational response")
+        pairs = [(name.lower(), value) for name, value in headers]
+        for name, value in pairs:
+            _check_header(name, value)
+        if self.http_version == "HTTP/1.0":
+            return self
+        if self.adapter is not None:
+            self.adapter.inform(self, status, pairs)
+        return self
+
     def upgrade(self, handler: object, state: object = None, **options: object) -> Conn:
         """
         Ask for this connection to become a WebSocket driven by C{handler}.
@@ -481,6 +648,21 @@ def _check_header(name: str, value: str) -> None:
         if "\r" in part or "\n" in part or "\0" in part:
             msg = f"header names and values must not contain CR, LF or NUL, got {part!r}"
             raise ValueError(msg)
+
+
+def _check_range(offset: int, length: int | None, size: int) -> int:
+    if not isinstance(offset, int) or not 0 <= offset <= size:
+        msg = f"expected an offset from 0 to the file size {size}, got {offset!r}"
+        raise ValueError(msg)
+    if length is None:
+        return size - offset
+    if not isinstance(length, int) or length < 0 or offset + length > size:
+        msg = (
+            f"expected a length from 0 to {size - offset} (the file size {size} "
+            f"minus the offset {offset}), got {length!r}"
+        )
+        raise ValueError(msg)
+    return length
 
 
 def _encode_body(body: bytes | str | None) -> bytes:

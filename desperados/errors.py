@@ -53,3 +53,28 @@ class ForbiddenError(DesperadosError):
     """
 
     status = 403
+
+
+class RequestTimeoutError(DesperadosError):
+    """
+    The client did not send the request body in time; answered with 408.
+    """
+
+    status = 408
+
+
+class BodyTooLargeError(DesperadosError):
+    """
+    The request body is larger than the server accepts; answered with 413.
+    """
+
+    status = 413
+
+
+class ClientDisconnectedError(DesperadosError):
+    """
+    The client closed the connection, so the response cannot be sent.
+
+    The HTTP bridge logs it at debug level, not as an error: nobody is left
+    to answer.
+    """

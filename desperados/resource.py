@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 from time import perf_counter
-from typing import Any
+from typing import IO, Any
 from weakref import WeakKeyDictionary
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -18,11 +18,18 @@ from twisted.web.server import NOT_DONE_YET
 
 from desperados import telemetry
 from desperados._logging import observer as log_observer
+from desperados.body import BodyChunk
 from desperados.builder import PlugSpec, compile_plug
-from desperados.compression import Compression, compression_option
-from desperados.conn import SENT, SET, UNSET, UPGRADED, Conn
-from desperados.errors import DesperadosError
+from desperados.compression import Compression, compression_option, start_compression
+from desperados.conn import CHUNKED, SENT, SET, UNSET, UPGRADED, Conn
+from desperados.errors import BadRequestError, ClientDisconnectedError, DesperadosError
 from desperados.response import wire_response
+from desperados.streaming import (
+    ResponseStream,
+    read_buffered_body,
+    send_file_range,
+    send_informational,
+)
 from desperados.upgrade import is_websocket_upgrade
 from desperados.websocket import WebSocketBridge
 
@@ -36,23 +43,84 @@ class _RequestAdapter:
     Writes a Conn's response to the twisted.web request it came from.
     """
 
-    __slots__ = ("compression", "request")
+    __slots__ = ("clock", "compression", "request", "stream")
 
-    def __init__(self, request: Request, compression: Compression | None) -> None:
+    def __init__(
+        self, request: Request, compression: Compression | None, clock: Any
+    ) -> None:
         self.request = request
         self.compression = compression
+        self.clock = clock
+        self.stream: ResponseStream | None = None
+
+    def read_body(
+        self, conn: Conn, length: int, timeout: float | None
+    ) -> Deferred[BodyChunk]:
+        request = self.request
+        body = getattr(request, "body", None)
+        if body is None:
+            # A plain twisted.web Request, in a tree the user built: the
+            # whole body is already in request.content.
+            return read_buffered_body(request, length)
+        request.send_continue()
+        return body.read(length, timeout, self.clock)
+
+    def send_chunked(self, conn: Conn) -> None:
+        request = self.request
+        if request.finished or request._disconnected:
+            return
+        headers, compressor = start_compression(
+            conn.status,
+            conn.resp_headers,
+            conn.get_req_header("accept-encoding"),
+            self.compression,
+        )
+        self._write_head(conn.status, headers)
+        self.stream = ResponseStream(request, compressor)
+
+    def chunk(self, conn: Conn, data: bytes) -> Deferred[Conn]:
+        stream = self.stream
+        if stream is None or self.request._disconnected:
+            msg = "cannot send a chunk: the client closed the connection"
+            raise ClientDisconnectedError(msg)
+        return stream.write(data).addCallback(lambda _: conn)
+
+    def finish_chunked(self) -> None:
+        """
+        End a chunked response once the pipeline is done with it.
+        """
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.finish()
+
+    def send_file(self, conn: Conn, file: IO[bytes], offset: int, length: int) -> None:
+        request = self.request
+        if request.finished or request._disconnected:
+            file.close()
+            return
+        # Not compressed: the Content-Length is the file's, and a compressed
+        # range would need the ranges counted in compressed bytes.
+        self._write_head(conn.status, conn.resp_headers)
+        send_file_range(request, file, offset, length)
+
+    def inform(self, conn: Conn, status: int, headers: list[tuple[str, str]]) -> None:
+        send_informational(self.request, status, headers)
+
+    def _write_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        request = self.request
+        request.setResponseCode(status)
+        response_headers = request.responseHeaders
+        for name, value in headers:
+            response_headers.addRawHeader(
+                name.encode("latin-1"), value.encode("latin-1")
+            )
 
     def send_resp(self, conn: Conn, body: bytes) -> None:
         request = self.request
         if request.finished or request._disconnected:
             return
         headers, body = wire_response(conn, body, self.compression)
-        request.setResponseCode(conn.status)
-        response_headers = request.responseHeaders
-        for name, value in headers:
-            response_headers.addRawHeader(
-                name.encode("latin-1"), value.encode("latin-1")
-            )
+        self._write_head(conn.status, headers)
         if body:
             request.write(body)
         request.finish()
@@ -221,7 +289,7 @@ class PlugResource(Resource):
         client = request.getClientAddress()
 
         conn = Conn(
-            adapter=_RequestAdapter(request, self.compression),
+            adapter=_RequestAdapter(request, self.compression, self.reactor),
             method=request.method.decode("latin-1"),
             http_version=_http_version(request),
             scheme="https" if _is_secure(request) else "http",
@@ -243,6 +311,10 @@ class PlugResource(Resource):
     def _finish(self, conn: Conn, request: Request) -> None:
         if conn.state == SENT:
             return
+        if conn.state == CHUNKED:
+            assert isinstance(conn.adapter, _RequestAdapter)
+            conn.adapter.finish_chunked()
+            return
         if conn.state == SET:
             try:
                 conn.send_resp()
@@ -253,6 +325,13 @@ class PlugResource(Resource):
         if conn.state == UPGRADED and conn.upgrade_request is not None:
             if self.draining:
                 self._send_error(request, 503, b"server is shutting down")
+                return
+            body = getattr(request, "body", None)
+            if body is not None and not body.complete:
+                # The pipeline ran before the body arrived; the rest of it
+                # would reach the WebSocket as frames.
+                error = BadRequestError("a WebSocket upgrade request must not have a body")
+                self._reject(error, request, conn)
                 return
             try:
                 self.websockets.hand_off(request, conn.upgrade_request)
@@ -274,6 +353,15 @@ class PlugResource(Resource):
 
     def _fail(self, failure: Failure, request: Request, conn: Conn) -> None:
         error = failure.value
+        if isinstance(error, ClientDisconnectedError):
+            # Nobody is left to answer, and a client leaving is not an error.
+            self.log.debug(
+                "client closed the connection during {method} {path}: {reason}",
+                method=conn.method,
+                path=conn.request_path,
+                reason=str(error),
+            )
+            return
         if isinstance(error, DesperadosError) and error.status < 500:
             self._reject(error, request, conn)
             return

@@ -33,6 +33,7 @@ from desperados.compression import Compression
 from desperados.drain import DEFAULT_DRAIN_TIMEOUT, Drain
 from desperados.http1 import ConnectionLimit, HTTPOptions
 from desperados.resource import DEFAULT_RESPONSE_TIMEOUT, PlugResource
+from desperados.request import DEFAULT_MAX_BODY_SIZE, StreamingRequest
 from desperados.tls import TLSServerEndpoint, certificate_options
 
 DEFAULT_PORT = 8082
@@ -51,11 +52,14 @@ class DesperadosSite(Site):
     starts as HTTP/1.1 and switches to HTTP/2 after TLS ALPN chose C{h2} or
     when a cleartext client starts with the HTTP/2 connection preface.
     The Site keeps its open HTTP connections so that L{drain} can close them
-    gracefully.
+    gracefully.  Requests are L{StreamingRequest}s: the pipeline runs as
+    soon as the head arrives and plugs read the body with C{Conn.read_body}.
 
     :param resource: the resource that serves every request.
     :param http_options: limits and timeouts of the connections; the
         defaults of L{HTTPOptions} when None.
+    :param max_body_size: the largest request body accepted, in bytes; a
+        larger one is answered with 413.  None means no limit.
     :ivar connections: the open HTTP connections, by their first channel
         (see L{desperados.channel.HTTPChannelSelector.track}).
     :ivar connection_limit: the count of open connections, and their limit.
@@ -65,12 +69,14 @@ class DesperadosSite(Site):
     protocol = build_channel
     # Site logs "Starting factory" and "Stopping factory" for every listener.
     noisy = False
+    requestFactory = StreamingRequest
 
     def __init__(
         self,
         resource: PlugResource,
         *,
         http_options: HTTPOptions | None = None,
+        max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
         **kwargs: Any,
     ) -> None:
         options = http_options or HTTPOptions()
@@ -83,6 +89,7 @@ class DesperadosSite(Site):
         self._drains: list[Drain] = []
         self._abort_requested = False
         self.http_options = options
+        self.max_body_size = max_body_size
         self.connection_limit = ConnectionLimit(
             options.max_connections, self.reactor, options.linger_timeout
         )
@@ -178,6 +185,7 @@ def make_site(
     compress: bool | Compression = True,
     response_timeout: float | None = DEFAULT_RESPONSE_TIMEOUT,
     http_options: HTTPOptions | None = None,
+    max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
 ) -> DesperadosSite:
     """
     Build the Site that runs C{plug} for every request.
@@ -188,6 +196,8 @@ def make_site(
     :param response_timeout: seconds a pipeline may take before the
         request is answered with 503; None for no limit.
     :param http_options: limits and timeouts of the connections.
+    :param max_body_size: the largest request body accepted, in bytes, or
+        None for no limit.
     """
     return DesperadosSite(
         PlugResource(
@@ -198,8 +208,10 @@ def make_site(
             response_timeout=response_timeout,
         ),
         http_options=http_options,
+        max_body_size=max_body_size,
         reactor=reactor,
     )
+
 
 def make_endpoint(
     reactor: Any,
@@ -321,6 +333,7 @@ def start_link(
     response_timeout: float | None = DEFAULT_RESPONSE_TIMEOUT,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     http_options: HTTPOptions | None = None,
+    max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
 ) -> Deferred[Server]:
     """
     Start serving C{plug} and fire with the running L{Server}.
@@ -353,6 +366,8 @@ def start_link(
         close before it aborts them.
     :param http_options: limits and timeouts of the connections; the
         defaults of L{HTTPOptions} when None.
+    :param max_body_size: the largest request body accepted, in bytes; a
+        larger one is answered with 413.  None means no limit.
     :raises ValueError: for bad scheme, certificate or endpoint options.
     """
     if reactor is None:
@@ -368,6 +383,7 @@ def start_link(
         compress=compress,
         response_timeout=response_timeout,
         http_options=http_options,
+        max_body_size=max_body_size,
     )
     plug_name = plug if isinstance(plug, str) else site.plug_resource._plug.name
 

@@ -32,17 +32,21 @@ class Waiting:
     A plug that holds C{/slow} requests until the test releases them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path: str = "/slow", respond: bool = True) -> None:
+        self.path = path
+        self.respond = respond
         self.pending: list[Deferred[None]] = []
         self.arrived: Deferred[None] = Deferred()
 
     def __call__(self, conn, opts):
-        if conn.request_path != "/slow":
-            return conn.send_resp(200, b"fast").halt()
+        if conn.request_path != self.path:
+            return conn.send_resp(200, b"fast").halt() if self.respond else conn
         release: Deferred[None] = Deferred()
         self.pending.append(release)
         arrived, self.arrived = self.arrived, Deferred()
         arrived.callback(None)
+        if not self.respond:
+            return release.addCallback(lambda _: conn)
         return release.addCallback(lambda _: conn.send_resp(200, b"done").halt())
 
     def release_all(self) -> None:
@@ -60,8 +64,8 @@ async def _requests_in_flight(server, count: int) -> None:
         await deferLater(reactor, 0.01)
 
 
-async def _start(plug, **options):
-    pipeline = Builder([DetectWebsocket, Websocket, plug])
+async def _start(plug, *, before=(), **options):
+    pipeline = Builder([*before, DetectWebsocket, Websocket, plug])
     return await start_link(
         pipeline, port=0, ip="127.0.0.1", reactor=reactor, startup_log=None, **options
     )
@@ -129,27 +133,32 @@ async def test_stop_aborts_connections_after_drain_timeout(logs):
 @pytest_twisted.ensureDeferred
 async def test_requests_during_drain_close_and_upgrades_get_503(logs):
     waiting = Waiting()
-    server = await _start(waiting)
+    # Holds the WebSocket upgrade before the plugs that perform it.
+    holding = Waiting("/chat", respond=False)
+    server = await _start(waiting, before=[holding])
     port = server.getHost().port
     first = await connect(port)
     first.send(GET_SLOW)
     await waiting.arrived
     second = await connect(port)
-    # The request head is complete but its body is not, so the drain sees a
-    # request in flight; it renders once the body arrives.
-    second.send(b"POST /fast HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nx")
+    # The pipeline runs at the end of the head; the body is still incomplete.
+    second.send(b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nx")
+    await waiting.arrived
     upgrading = await connect(port)
-    upgrading.send(upgrade_request("/chat")[:-2] + b"Content-Length: 1\r\n\r\n")
+    upgrading.send(upgrade_request("/chat"))
+    await holding.arrived
     await _requests_in_flight(server, 3)
 
     stopped = server.stop(drain_timeout=30)
+    while not logs.with_format("draining {http} HTTP"):
+        await deferLater(reactor, 0.01)
     second.send(b"y")
+    waiting.release_all()
     answered = await second.read_response()
     await second.wait_closed()
-    upgrading.send(b"z")
+    holding.release_all()
     refused = await upgrading.read_response()
     await upgrading.wait_closed()
-    waiting.release_all()
     await first.read_response()
     await stopped
 

@@ -22,7 +22,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.usage import UsageError
 
-from desperados import HTTPOptions
+from desperados import Builder, HTTPOptions
 from desperados.server import make_site
 
 T = TypeVar("T")
@@ -45,13 +45,26 @@ async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
+async def _read_body(conn, opts):
+    while (await conn.read_body()).more:
+        pass
+    return conn
+
+
+# The default pipeline, after reading the whole body.
+_READ_BODY_THEN_DEFAULT = Builder([_read_body, "desperados.plugs.Default"])
+
+
 async def request_once(
     serve, data: bytes, **options: object
 ) -> tuple[Response, RawClient]:
     """
     Send C{data} on a new connection and read one response.
+
+    The pipeline reads the whole body before the default plugs run, so that
+    an error in the body's framing is found before any response goes out.
     """
-    port = await serve(http_options=HTTPOptions(**options))
+    port = await serve(_READ_BODY_THEN_DEFAULT, http_options=HTTPOptions(**options))
     client = await connect(port)
     client.send(data)
     response = await bounded(client.read_response())
@@ -322,6 +335,23 @@ async def test_stalled_body_gets_408(serve, logs):
 
     assert response.status == 408
     assert response.header("connection") == "close"
+    assert rejection_reason(logs) == "timed out reading the request body"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_body_after_response_closes(serve, logs):
+    """
+    The pipeline answered before reading the body: no second response.
+    """
+    head = b"POST /test HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n"
+    port = await serve(http_options=HTTPOptions(body_timeout=0.2))
+    client = await connect(port)
+    client.send(head + b"abc")
+    response = await bounded(client.read_response())
+    await bounded(client.wait_closed())
+
+    assert response.status == 404
+    assert client.buffer == b""
     assert rejection_reason(logs) == "timed out reading the request body"
 
 
@@ -914,9 +944,15 @@ def test_twistd_invalid_limit_is_usage_error(argument):
 # In memory, with a Clock
 
 
-def _connect_in_memory(**options: object) -> tuple[object, StringTransport, Clock]:
+def _never_answer(conn, opts):
+    return Deferred()
+
+
+def _connect_in_memory(
+    plug: object = "desperados.plugs.Default", **options: object
+) -> tuple[object, StringTransport, Clock]:
     clock = Clock()
-    site = make_site(reactor=clock, http_options=HTTPOptions(**options))
+    site = make_site(plug, reactor=clock, http_options=HTTPOptions(**options))
     transport = StringTransport(
         hostAddress=IPv4Address("TCP", "127.0.0.1", 8082),
         peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
@@ -928,7 +964,7 @@ def _connect_in_memory(**options: object) -> tuple[object, StringTransport, Cloc
 
 
 def test_paused_body_timeout_does_not_fire():
-    channel, transport, clock = _connect_in_memory(body_timeout=1.0)
+    channel, transport, clock = _connect_in_memory(_never_answer, body_timeout=1.0)
     channel.dataReceived(_request(HOST, b"Content-Length: 10", body=b"abc"))
 
     channel.pause_body_timeout()
@@ -948,7 +984,7 @@ def test_deadline_after_response_started_only_closes():
     """
     A 408 cannot follow a response that has started: the channel only closes.
     """
-    channel, transport, clock = _connect_in_memory(body_timeout=1.0)
+    channel, transport, clock = _connect_in_memory(_never_answer, body_timeout=1.0)
     channel.dataReceived(_request(HOST, b"Content-Length: 10", body=b"abc"))
     channel.requests[-1].startedWriting = True
 

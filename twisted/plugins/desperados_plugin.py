@@ -141,6 +141,13 @@ class Options(usage.Options):
             "Seconds a connection closed after an error keeps reading before "
             "it is aborted.",
         ],
+        [
+            "max-body-size",
+            None,
+            "8000000",
+            "Largest request body accepted, in bytes; larger ones get 413. "
+            "'none' for no limit.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -175,6 +182,7 @@ class Options(usage.Options):
         self["response-timeout"] = _parse_timeout(
             "--response-timeout", self["response-timeout"]
         )
+        self["max-body-size"] = _parse_size("--max-body-size", self["max-body-size"])
         startup = self["startup-log"]
         if startup != "false" and startup not in _LOG_LEVELS:
             msg = f"--startup-log must be 'false' or one of {', '.join(_LOG_LEVELS)}, got {startup!r}"
@@ -291,6 +299,17 @@ def _parse_timeout(
     return seconds
 
 
+def _parse_size(option: str, text: str | int | None) -> int | None:
+    if text is None or isinstance(text, int):
+        return text
+    if text.lower() == "none":
+        return None
+    if not text.isdigit():
+        msg = f"{option} must be a number of bytes or 'none', got {text!r}"
+        raise usage.UsageError(msg)
+    return int(text)
+
+
 @implementer(IServiceMaker, IPlugin)
 class DesperadosServiceMaker:
     """
@@ -326,6 +345,7 @@ class DesperadosServiceMaker:
             compress=not options["no-compress"],
             response_timeout=options["response-timeout"],
             http_options=options["http-options"],
+            max_body_size=options["max-body-size"],
         )
         if options["listen"]:
             endpoints = [
