@@ -44,7 +44,9 @@ CLIENT_CPU = "1"
 MARK_BEGIN = "<!-- bench/run.py writes from here -->"
 MARK_END = "<!-- bench/run.py writes up to here -->"
 DEBIAN_TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "h2load": "nghttp2-client"}
-PYTHON_MODULES = ("daphne", "uvicorn", "httptools", "uvloop", "aiohttp", "hypercorn")
+PYTHON_MODULES = (
+    "daphne", "uvicorn", "httptools", "uvloop", "aiohttp", "hypercorn", "pytest_benchmark"
+)
 VERSIONS = (
     "Twisted",
     "autobahn",
