@@ -284,8 +284,12 @@ class PlugResource(Resource):
         # twisted.web's Request.process has already percent-decoded each
         # segment of prepath and postpath; decoding again would turn %2541
         # into A instead of %41.
-        script_name = [segment.decode("latin-1") for segment in request.prepath or () if segment]
-        path_info = [segment.decode("latin-1") for segment in request.postpath or () if segment]
+        script_name = [
+            segment.decode("latin-1") for segment in request.prepath or () if segment
+        ]
+        path_info = [
+            segment.decode("latin-1") for segment in request.postpath or () if segment
+        ]
         client = request.getClientAddress()
 
         conn = Conn(
