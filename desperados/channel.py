@@ -102,7 +102,8 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
         elif negotiated is not None:
             self._negotiatedProtocol = negotiated
         else:
-            data = self._received + data
+            if self._received:
+                data = self._received + data
             if len(data) < len(PREFACE) and PREFACE.startswith(data):
                 # Too short to tell; HTTPChannel's idle timeout still runs.
                 self._received = data

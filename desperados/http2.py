@@ -12,6 +12,7 @@ from typing import Any
 
 import h2.errors
 import h2.exceptions
+from h2.connection import ConnectionState
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from twisted.logger import Logger
@@ -80,6 +81,10 @@ class H2Connection(_TwistedH2Connection):
             error_code=code.name,
             error=str(error),
         )
+        if self.conn.state_machine.state != ConnectionState.CLOSED:
+            # h2 queues a GOAWAY for most errors, but not for an invalid
+            # connection preface (RFC 9113 section 3.4 makes it optional).
+            self.conn.close_connection(error_code=code)
         super()._terminate(reason)
 
     def connectionLost(self, reason: Failure, _cancelTimeouts: bool = True) -> None:

@@ -161,3 +161,32 @@ def test_endpoint_scheme_follows_tls(tls_files):
     assert endpoint_scheme(serverFromString(reactor, ssl_description)) == "https"
     with pytest.raises(ValueError, match="already serves TLS"):
         make_endpoint(reactor, listen=ssl_description, tls=tls)
+
+
+@pytest_twisted.ensureDeferred
+async def test_h2_without_preface_gets_goaway(serve, tls_files, logs):
+    port = await serve(
+        _describe, scheme="https", certfile=tls_files.certfile, keyfile=tls_files.keyfile
+    )
+    client = await connect_raw_tls(port, tls_files, [b"h2"])
+
+    # ALPN chose h2, so an HTTP/1.1 request is an invalid preface (RFC 9113
+    # section 3.4), a connection error of type PROTOCOL_ERROR.
+    client.send(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await client.wait_closed()
+
+    goaway_type = b"\x07"
+    frames = _frame_types(client.buffer)
+    assert frames[-1] == goaway_type
+    assert client.buffer.endswith(b"\x00\x00\x00\x01")  # PROTOCOL_ERROR
+    (event,) = logs.with_format("HTTP/2 connection error")
+    assert event["error_code"] == "PROTOCOL_ERROR"
+
+
+def _frame_types(data: bytes) -> list[bytes]:
+    types = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        types.append(data[3:4])
+        data = data[9 + length :]
+    return types
