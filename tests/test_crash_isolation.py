@@ -170,3 +170,68 @@ async def test_upgrade_with_hanging_pipeline_gets_503(logs):
     assert response.status == 503
     assert response.header("connection") == "close"
     assert plug.outcomes == ["cancelled"]
+
+
+class Streaming:
+    """
+    A plug that streams 64 KiB chunks until its client stops reading.
+
+    :ivar written: the number of bytes handed to C{conn.chunk()} so far.
+    :ivar blocked: fires when a chunk did not fit and the plug has to wait.
+    :ivar outcome: the name of the exception that ended the stream.
+    """
+
+    part = b"x" * 65536
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.blocked: Deferred[None] = Deferred()
+        self.outcome: str | None = None
+
+    async def __call__(self, conn, opts):
+        if conn.request_path != "/stream":
+            return conn.send_resp(200, b"fine").halt()
+        conn.send_chunked(200)
+        try:
+            while True:
+                waiting = conn.chunk(self.part)
+                self.written += len(self.part)
+                if not waiting.called and not self.blocked.called:
+                    self.blocked.callback(None)
+                await waiting
+        except Exception as error:
+            self.outcome = type(error).__name__
+            raise
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_stops_reading_pauses_stream(logs):
+    plug = Streaming()
+    server = await _start(plug, response_timeout=0.5)
+    port = server.getHost().port
+    client = await connect(port)
+    client.transport.pauseProducing()
+    client.send(b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+
+    await plug.blocked
+    other = await connect(port)
+    other.send(GET_FINE)
+    fine = await other.read_response()
+    # The kernel's socket buffers take some more; then the stream stalls
+    # and the response timeout cancels the plug.
+    while plug.outcome is None:
+        await deferLater(reactor, 0.05)
+    written = plug.written
+    client.transport.resumeProducing()
+    await client.wait_closed()
+    await server.stop()
+
+    assert fine.status == 200
+    # Twisted's 64 KiB write buffer plus the loopback socket buffers, far
+    # from the unbounded growth of a server that ignores backpressure.
+    assert written < 32 * 1024 * 1024
+    assert plug.outcome == "CancelledError"
+    [timed_out] = logs.with_format("did not finish")
+    assert timed_out["started"] is True
+    # The response was cut: no last chunk, so the body never ends.
+    assert not client.buffer.endswith(b"0\r\n\r\n")
