@@ -164,6 +164,28 @@ async def test_too_many_headers_get_431(serve, logs):
 
 
 @pytest_twisted.ensureDeferred
+async def test_head_too_large_gets_431(serve, logs):
+    fields = b"".join(b"X-%d: %s\r\n" % (index, b"a" * 90) for index in range(20))
+    data = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields + b"\r\n"
+    await assert_rejected(serve, logs, data, 431, max_head_size=1000)
+
+    assert rejection_reason(logs) == "request head too large"
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_at_size_limit_is_served(serve):
+    line = b"GET /test HTTP/1.1"
+    field = b"X-A: " + b"a" * (100 - len(line) - len(HOST) - 5)
+    assert len(line) + len(HOST) + len(field) == 100
+    response, client = await request_once(
+        serve, _request(HOST, field, line=line), max_head_size=100
+    )
+
+    assert response.status == 404
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
 async def test_header_count_at_limit_is_served(serve):
     fields = b"".join(b"X-%d: 1\r\n" % index for index in range(4))
     data = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields + b"\r\n"
@@ -896,6 +918,7 @@ def test_twistd_options_set_http_options():
     options.parseOptions(
         [
             "--max-header-count=7",
+            "--max-head-size=4096",
             "--max-requests=3",
             "--max-connections=none",
             "--header-timeout=none",
@@ -906,6 +929,7 @@ def test_twistd_options_set_http_options():
 
     assert service.site.http_options == HTTPOptions(
         max_header_count=7,
+        max_head_size=4096,
         max_requests=3,
         max_connections=None,
         header_timeout=None,

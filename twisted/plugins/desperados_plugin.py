@@ -102,6 +102,13 @@ class Options(usage.Options):
             "Maximum header fields per request; more get 431.",
         ],
         [
+            "max-head-size",
+            None,
+            "65536",
+            "Largest request head (request line and header fields), in bytes; "
+            "larger ones get 431.",
+        ],
+        [
             "max-requests",
             None,
             "none",
@@ -251,6 +258,7 @@ class Options(usage.Options):
             ("max-request-line-length", False),
             ("max-header-length", False),
             ("max-header-count", False),
+            ("max-head-size", False),
             ("max-requests", True),
             ("max-connections", True),
         ]
