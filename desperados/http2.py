@@ -57,6 +57,10 @@ class H2Connection(_TwistedH2Connection):
     - A stream whose send window is zero or negative, after DATA or after a
       SETTINGS change, waits for WINDOW_UPDATE instead of spinning or raising.
     - A SETTINGS change that opens the send windows resumes waiting streams.
+
+    It also runs a request that can stream its body (one with
+    C{headReceived}, such as desperados' C{StreamingRequest}) as soon as
+    its headers arrive, like the HTTP/1.1 channel does.
     """
 
     _desperados_log = Logger(observer=log_observer)
@@ -115,6 +119,38 @@ class H2Connection(_TwistedH2Connection):
         transport = self.transport
         if transport is not None and transport.disconnecting:
             transport.unregisterProducer()
+
+    # Streamed request bodies
+
+    def _requestReceived(self, event: Any) -> None:
+        super()._requestReceived(event)
+        # Upstream dispatches a request when its stream ends, so the whole
+        # body is buffered first.  A request that reads its body as it
+        # arrives runs now; H2Stream still reports the end of the stream.
+        if event.stream_ended is not None:
+            return
+        stream = self.streams[event.stream_id]
+        head_received = getattr(stream._request, "headReceived", None)
+        if head_received is not None:
+            head_received(stream.command, stream.path, b"HTTP/2")
+
+    def _send100Continue(self, streamID: int) -> None:
+        # H2Stream calls this as soon as the headers arrive, but a streaming
+        # request sends 100 Continue itself when a plug starts reading.
+        if not hasattr(self.requestFactory, "headReceived"):
+            super()._send100Continue(streamID)
+
+    def _requestDone(self, streamID: int) -> None:
+        # RFC 9113 section 8.1: a response complete before the request body
+        # may be followed by RST_STREAM with NO_ERROR, so the client stops
+        # sending.  Upstream drops its own state for the stream while h2
+        # still accepts DATA on it, and the next DATA frame raises KeyError
+        # in _requestDataReceived, which drops the connection.
+        h2_stream = self.conn.streams.get(streamID)
+        if self._stillProducing and h2_stream is not None and not h2_stream.closed:
+            self.conn.reset_stream(streamID, error_code=h2.errors.ErrorCodes.NO_ERROR)
+            self._tryToWriteControlData()
+        super()._requestDone(streamID)
 
     # Flow control
 

@@ -102,7 +102,7 @@ class StreamingRequest(Request):
         assert body is not None
         if not body.complete:
             expect = self.requestHeaders.getRawHeaders(b"expect") or []
-            self.continue_expected = version == _HTTP11 and any(
+            self.continue_expected = version in (_HTTP11, _HTTP2) and any(
                 value.lower() == b"100-continue" for value in expect
             )
         if body.too_large:

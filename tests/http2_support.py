@@ -110,6 +110,7 @@ class H2Response:
     body: bytes = b""
     ended: bool = False
     reset_code: int | None = None
+    informational: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
 
     @property
     def status(self) -> int:
@@ -217,6 +218,48 @@ class H2Client(Protocol):
         self.flush()
         return stream_id
 
+    def start_request(
+        self, path: str = "/", *, method: str = "POST", headers: list[tuple[str, str]] = ()
+    ) -> int:
+        """
+        Send request headers without ending the stream, for a body to follow.
+        """
+        stream_id = self.conn.get_next_available_stream_id()
+        request_headers = [
+            (":method", method),
+            (":scheme", self.scheme),
+            (":authority", "localhost"),
+            (":path", path),
+            *headers,
+        ]
+        self.conn.send_headers(stream_id, request_headers)
+        self.responses[stream_id] = H2Response(stream_id)
+        self.flush()
+        return stream_id
+
+    async def send_body(self, stream_id: int, body: bytes, *, end_stream: bool = True) -> None:
+        """
+        Send C{body} on C{stream_id} as the server's flow-control windows allow.
+
+        :raises ConnectionError: if the connection closed first.
+        """
+        view = memoryview(body)
+        while view:
+            await self.wait_for(lambda: self.conn.local_flow_control_window(stream_id) > 0)
+            if self.closed:
+                raise ConnectionError(f"closed while sending the body of stream {stream_id}")
+            size = min(
+                len(view),
+                self.conn.local_flow_control_window(stream_id),
+                self.conn.max_outbound_frame_size,
+            )
+            self.conn.send_data(stream_id, bytes(view[:size]))
+            self.flush()
+            view = view[size:]
+        if end_stream:
+            self.conn.end_stream(stream_id)
+            self.flush()
+
     # Waiting
 
     async def wait_for(self, condition, *, give_up_after: float = 10.0) -> None:
@@ -268,7 +311,9 @@ class H2Client(Protocol):
     # Internals
 
     def _handle(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
+        if isinstance(event, h2.events.InformationalResponseReceived):
+            self.responses[event.stream_id].informational.append(event.headers)
+        elif isinstance(event, h2.events.ResponseReceived):
             self.responses[event.stream_id].headers.extend(event.headers)
         elif isinstance(event, h2.events.DataReceived):
             self.responses[event.stream_id].body += event.data

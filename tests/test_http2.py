@@ -7,6 +7,8 @@ ALPN, because the two paths reach HTTP/2 through different code.
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import pytest_twisted
 from h2.errors import ErrorCodes
@@ -21,6 +23,7 @@ from hyperframe.frame import (
 )
 from support import connect
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from desperados.http1 import HTTPOptions
@@ -343,3 +346,99 @@ async def test_raising_plug_fails_only_its_stream(serve, transport, logs):
     failures = [event for event in logs.events if event.get("log_failure")]
     assert len(failures) == 1
     failures[0]["log_failure"].trap(RuntimeError)
+
+
+# Request bodies, read as they arrive
+
+
+async def _digest_body(conn, opts):
+    """
+    Read the body through read_body; respond with its size, reads and SHA-256.
+    """
+    opts = opts or {}
+    started = opts.get("started")
+    if started is not None and not started.called:
+        started.callback(conn)
+    digest = hashlib.sha256()
+    size = reads = 0
+    more = True
+    while more:
+        data, more = await conn.read_body(length=opts.get("length", 8_000_000))
+        digest.update(data)
+        size += len(data)
+        reads += 1
+    return conn.send_resp(200, f"{size} {reads} {digest.hexdigest()}").halt()
+
+
+def _ignore_body(conn, opts):
+    return conn.send_resp(200, f"ignored {conn.request_path}").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipeline_runs_before_body_arrives(serve, transport):
+    started = Deferred()
+    opts = {"started": started, "length": 16384}
+    port = await serve(_digest_body, opts, **_server_options(transport))
+    client = await connect_h2(port, transport)
+    body = bytes(range(256)) * 4096  # 1 MiB: many stream windows' worth
+
+    stream_id = client.start_request("/upload")
+    await client.wait_for(lambda: started.called)
+    conn = await started
+    await client.send_body(stream_id, body)
+    response = await client.response(stream_id)
+    client.transport.loseConnection()
+
+    assert conn.http_version == "HTTP/2"
+    assert response.status == 200
+    size, reads, digest = response.body.decode().split()
+    assert int(size) == len(body)
+    assert int(reads) >= len(body) // 16384
+    assert digest == hashlib.sha256(body).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_continue_sent_only_when_plug_reads(serve, transport):
+    port = await serve(_digest_body, **_server_options(transport))
+    client = await connect_h2(port, transport)
+    expect = [("expect", "100-continue")]
+
+    reading = client.start_request("/read", headers=expect)
+    await client.wait_for(lambda: client.responses[reading].informational)
+    await client.send_body(reading, b"after continue")
+    read = await client.response(reading)
+    ignoring_port = await serve(_ignore_body, **_server_options(transport))
+    other = await connect_h2(ignoring_port, transport)
+    ignoring = other.start_request("/ignore", headers=expect)
+    ignored = await other.response(ignoring)
+    client.transport.loseConnection()
+    other.transport.loseConnection()
+
+    assert read.informational == [[(b":status", b"100")]]
+    assert read.body.startswith(b"14 ")
+    assert ignored.informational == []
+    assert ignored.status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_response_before_body_resets_stream(serve, transport, logs):
+    port = await serve(_ignore_body, **_server_options(transport))
+    client = await connect_h2(port, transport)
+
+    stream_id = client.start_request("/early")
+    client.conn.send_data(stream_id, b"x" * 1000)
+    client.flush()
+    response = client.responses[stream_id]
+    await client.wait_for(lambda: response.ended or response.reset_code is not None)
+    await client.wait_for(lambda: response.reset_code is not None)
+    # DATA already in flight when the reset went out reaches a closed stream.
+    client.transport.write(DataFrame(stream_id, data=b"late" * 250).serialize())
+    after = await client.response(client.request("/after"))
+    client.transport.loseConnection()
+
+    assert response.status == 200
+    assert response.body == b"ignored /early"
+    assert response.ended
+    assert response.reset_code == ErrorCodes.NO_ERROR
+    assert after.body == b"ignored /after"
+    assert _no_failures(logs) == []
