@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         service.startService()
         # Replaces the handler that reactor.run() installed, which stops at once.
         signal.signal(signal.SIGTERM, on_sigterm)
+        # Ctrl-C in a terminal reaches every process of the group.  The main
+        # process reacts to it by sending SIGTERM, so a worker waits for that
+        # instead of starting a second, competing stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         log.info("worker {index} serving {plug}", index=args.index, plug=options["plug"])
         with os.fdopen(_CONTROL_FD, "wb") as control:
             control.write(b"ready\n")
