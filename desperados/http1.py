@@ -505,6 +505,10 @@ class DesperadosChannel(HTTPChannel):
                 "closing idle connection from {peer}",
                 peer=str(self.transport.getPeer()),
             )
+            # NOTE: the idle time counts from the end of the last response as
+            # queued, not as sent: a client still reading a large response
+            # keepalive_timeout + linger_timeout later loses its end.
+            # twisted.web's own idle timer does the same, 15 s later.
             self._close()
         elif kind is _HEAD:
             self._reject(408, "timed out reading the request head")
