@@ -10,25 +10,32 @@ In the spirit of Plug.Test::
     assert testing.sent(conn).body == b"user 7"
 
 L{call} returns a Deferred for plugs that wait; L{call_sync} is for plugs
-that answer at once.  The response goes through the same code as over the
+that finish at once.  The response goes through the same code as over the
 network (before-send callbacks, cookies, compression, Content-Length, HEAD
-and 204/304 rules), so L{sent} shows what a client would receive.
+and 204/304 rules), so L{sent} shows what a client would receive.  Chunked
+responses, files, informational responses and C{read_body} work too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import IO, cast
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
+from desperados.body import BodyChunk
 from desperados.builder import Builder, PlugSpec, compile_plug
-from desperados.compression import Compression, compression_option
-from desperados.conn import SET, UPGRADED, Conn
-from desperados.response import wire_response
+from desperados.compression import (
+    Compression,
+    Compressor,
+    compression_option,
+    start_compression,
+)
+from desperados.conn import CHUNKED, SET, UPGRADED, Conn
+from desperados.response import has_body, wire_response
 
 __all__ = [
     "MemoryAdapter",
@@ -46,13 +53,23 @@ class SentResponse:
     """
     A response as it would go on the wire.
 
+    Framing that depends on the HTTP version, such as C{Transfer-Encoding:
+    chunked}, is left out.
+
     :ivar headers: C{(name, value)} pairs with lower-case names, in order.
-    :ivar body: the body bytes, compressed if compression applied.
+    :ivar body: the body bytes, compressed if compression applied; for a
+        chunked response, the parts sent so far joined.
+    :ivar chunks: for a chunked response, each part as sent (compressed
+        parts end with a flush, the last one ends the compressed stream);
+        None for other responses.
+    :ivar finished: False while a chunked response is still open.
     """
 
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    chunks: list[bytes] | None = None
+    finished: bool = True
 
     def header(self, name: str) -> str | None:
         """
@@ -74,19 +91,85 @@ class MemoryAdapter:
     """
     A L{desperados.conn.ConnAdapter} that keeps the response in memory.
 
-    :ivar request_body: the request body given to L{conn}.
+    :ivar request_body: the request body given to L{conn}, which
+        C{conn.read_body} returns.
     :ivar compression: the compression options, None when off.
-    :ivar responses: every response sent, in order; a Conn sends at most one.
+    :ivar responses: every final response sent, in order; a Conn sends at
+        most one.
+    :ivar informational: the C{(status, headers)} of every 1xx response.
     """
 
     request_body: bytes = b""
     compression: Compression | None = None
     responses: list[SentResponse] = field(default_factory=list)
+    informational: list[tuple[int, list[tuple[str, str]]]] = field(default_factory=list)
+    _body_offset: int = 0
+    _compressor: Compressor | None = None
 
     def send_resp(self, conn: Conn, body: bytes) -> None:
         headers, body = wire_response(conn, body, self.compression)
         assert conn.status is not None
         self.responses.append(SentResponse(conn.status, list(headers), body))
+
+    def read_body(
+        self, conn: Conn, length: int, timeout: float | None
+    ) -> Deferred[BodyChunk]:
+        if not isinstance(length, int) or length < 1:
+            msg = f"expected a read_body length of 1 or more, got {length!r}"
+            raise ValueError(msg)
+        start = self._body_offset
+        self._body_offset = min(start + length, len(self.request_body))
+        data = self.request_body[start : self._body_offset]
+        return succeed(BodyChunk(data, self._body_offset < len(self.request_body)))
+
+    def send_chunked(self, conn: Conn) -> None:
+        assert conn.status is not None
+        headers, self._compressor = start_compression(
+            conn.status,
+            conn.resp_headers,
+            conn.get_req_header("accept-encoding"),
+            self.compression,
+        )
+        response = SentResponse(conn.status, list(headers), b"", [], finished=False)
+        self.responses.append(response)
+
+    def chunk(self, conn: Conn, data: bytes) -> Deferred[Conn]:
+        compressor = self._compressor
+        if compressor is not None and data:
+            data = compressor.compress(data) + compressor.flush()
+        self._write_part(conn, data)
+        return succeed(conn)
+
+    def finish_chunked(self, conn: Conn) -> None:
+        """
+        End a chunked response, as the HTTP bridge does once the pipeline returns.
+        """
+        response = self.responses[-1]
+        if self._compressor is not None:
+            self._write_part(conn, self._compressor.finish())
+        response.finished = True
+
+    def send_file(self, conn: Conn, file: IO[bytes], offset: int, length: int) -> None:
+        # Not compressed, like the HTTP bridge's files.
+        with file:
+            file.seek(offset)
+            body = file.read(length)
+        assert conn.status is not None
+        if conn.method == "HEAD" or not has_body(conn.status):
+            body = b""
+        self.responses.append(SentResponse(conn.status, list(conn.resp_headers), body))
+
+    def inform(self, conn: Conn, status: int, headers: list[tuple[str, str]]) -> None:
+        self.informational.append((status, list(headers)))
+
+    def _write_part(self, conn: Conn, data: bytes) -> None:
+        response = self.responses[-1]
+        # twisted.web drops the body of a HEAD, 204 or 304 response.
+        if not data or conn.method == "HEAD" or not has_body(response.status):
+            return
+        assert response.chunks is not None
+        response.chunks.append(data)
+        response.body += data
 
 
 def conn(
@@ -144,9 +227,10 @@ def call(plug: PlugSpec, conn: Conn, opts: object = None) -> Deferred[Conn]:
     """
     Initialize C{plug} with C{opts}, run it on C{conn}, and send a stored response.
 
-    As in the HTTP bridge, a response stored with C{conn.resp} is sent once
-    the plug returns.  Unlike the bridge, an exception is not turned into a
-    500: the Deferred fails with it, so the test sees it.
+    As in the HTTP bridge, a response stored with C{conn.resp} is sent, and
+    a chunked response ends, once the plug returns.  Unlike the bridge, an
+    exception is not turned into a 500: the Deferred fails with it, so the
+    test sees it.
 
     :param plug: anything a L{desperados.Builder} accepts as an entry.
     :returns: a Deferred that fires with the Conn.
@@ -166,6 +250,8 @@ def call(plug: PlugSpec, conn: Conn, opts: object = None) -> Deferred[Conn]:
 def _send_stored(conn: Conn) -> Conn:
     if conn.state == SET:
         conn.send_resp()
+    elif conn.state == CHUNKED and isinstance(conn.adapter, MemoryAdapter):
+        conn.adapter.finish_chunked(conn)
     return conn
 
 

@@ -4,6 +4,9 @@ desperados.testing: Conns built in memory, plugs run on them, responses recorded
 
 from __future__ import annotations
 
+import gzip
+import zlib
+
 import pytest
 import pytest_twisted
 from support import upgrade_request
@@ -146,3 +149,104 @@ def test_head_is_sent_without_body():
     assert response.status == 404
     assert response.header("content-length") == "9"
     assert response.body == b""
+
+
+# Streaming helpers in memory.
+
+
+async def _echo_body(conn, opts):
+    parts = []
+    more = True
+    while more:
+        data, more = await conn.read_body(length=4)
+        parts.append(data)
+    return conn.send_resp(200, b"|".join(parts))
+
+
+def test_read_body_returns_parts():
+    conn = testing.call_sync(_echo_body, testing.conn("POST", "/", b"0123456789"))
+
+    assert testing.sent(conn).body == b"0123|4567|89"
+
+
+def test_read_body_empty():
+    conn = testing.call_sync(_echo_body, testing.conn("POST", "/"))
+
+    assert testing.sent(conn).body == b""
+
+
+def test_read_body_rejects_bad_length():
+    conn = testing.conn("POST", "/", b"data")
+
+    with pytest.raises(ValueError, match="length of 1 or more"):
+        conn.read_body(length=0)
+
+
+async def _stream(conn, opts):
+    conn.put_resp_content_type("text/plain")
+    conn.send_chunked(200)
+    for part in opts:
+        await conn.chunk(part)
+    return conn
+
+
+def test_chunked_response_recorded():
+    conn = testing.call_sync(_stream, testing.conn(), [b"one ", b"", "two"])
+    response = testing.sent(conn)
+
+    assert response.status == 200
+    assert response.chunks == [b"one ", b"two"]
+    assert response.body == b"one two"
+    assert response.finished
+    assert response.header("content-length") is None
+
+
+def test_chunked_response_compressed():
+    request = testing.conn(headers={"accept-encoding": "gzip"})
+    parts = [b"first part\n" * 20, b"second part\n" * 20]
+
+    conn = testing.call_sync(_stream, request, parts)
+    response = testing.sent(conn)
+    reader = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    first = reader.decompress(response.chunks[0])
+
+    assert response.header("content-encoding") == "gzip"
+    assert response.header("vary") == "accept-encoding"
+    assert first == parts[0]
+    assert gzip.decompress(response.body) == b"".join(parts)
+
+
+def test_chunked_head_has_no_body():
+    conn = testing.call_sync(_stream, testing.conn("HEAD", "/"), [b"hidden"])
+
+    assert testing.sent(conn).body == b""
+    assert testing.sent(conn).chunks == []
+
+
+def test_send_file_range(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(100)))
+
+    def plug(conn, opts):
+        return conn.send_file(206, path, offset=10, length=5)
+
+    conn = testing.call_sync(plug, testing.conn(headers={"accept-encoding": "gzip"}))
+    response = testing.sent(conn)
+
+    assert response.status == 206
+    assert response.body == bytes(range(10, 15))
+    assert response.header("content-length") == "5"
+    assert response.header("content-encoding") is None
+
+
+def test_inform_recorded():
+    def plug(conn, opts):
+        conn.inform(103, [("Link", "</style.css>; rel=preload")])
+        return conn.send_resp(200, "page")
+
+    conn = testing.call_sync(plug, testing.conn())
+
+    assert conn.adapter.informational == [
+        (103, [("link", "</style.css>; rel=preload")])
+    ]
+    assert testing.sent(conn).status == 200
