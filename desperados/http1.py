@@ -56,7 +56,8 @@ class HTTPOptions:
         closed, and the open ones are not affected.  C{None} for no limit.
     :ivar keepalive_timeout: seconds a connection may wait for the first
         byte of its next request (or of its first one) before it is closed
-        without a response; also the idle timeout of HTTP/2 connections.
+        without a response.  It is also the idle timeout of HTTP/2
+        connections.
     :ivar header_timeout: seconds from the first byte of a request until
         its head is complete; then 408.  Bytes that trickle in do not
         extend it.
@@ -180,8 +181,8 @@ class DesperadosChannel(HTTPChannel):
             options.max_request_line_length, options.max_header_length
         )
         self.maxHeaders = options.max_header_count
-        # twisted.web's own limit answers a bare 400; this channel's checks
-        # in lineReceived come first and answer 431.
+        # twisted.web's own limit sends a bare 400.  The checks in
+        # lineReceived come first and send 431.
         self.totalHeadersSize = options.max_head_size + 1
         # Turn off twisted.web's idle timer (TimeoutMixin), which restarts
         # on every byte; the deadlines below replace it.
