@@ -442,3 +442,23 @@ async def test_response_before_body_resets_stream(serve, transport, logs):
     assert response.reset_code == ErrorCodes.NO_ERROR
     assert after.body == b"ignored /after"
     assert _no_failures(logs) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_declared_body_over_limit_gets_413(serve, transport):
+    port = await serve(_digest_body, max_body_size=1000, **_server_options(transport))
+    client = await connect_h2(port, transport)
+
+    stream_id = client.start_request("/big", headers=[("content-length", "5000")])
+    client.conn.send_data(stream_id, b"x" * 1000)
+    client.flush()
+    response = client.responses[stream_id]
+    await client.wait_for(lambda: response.reset_code is not None)
+    after = await client.response(client.request("/after", method="POST", body=b"small"))
+    client.transport.loseConnection()
+
+    assert response.status == 413
+    assert response.body == b"request body larger than the maximum of 1000 bytes"
+    assert response.reset_code == ErrorCodes.NO_ERROR
+    assert after.status == 200
+    assert after.body.startswith(b"5 ")
