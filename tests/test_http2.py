@@ -462,3 +462,38 @@ async def test_declared_body_over_limit_gets_413(serve, transport):
     assert response.reset_code == ErrorCodes.NO_ERROR
     assert after.status == 200
     assert after.body.startswith(b"5 ")
+
+
+# Streamed responses
+
+
+async def _stream_chunks(conn, opts):
+    conn.send_chunked(200)
+    for index in range(10):
+        await conn.chunk(bytes([index]) * 16384)
+        opts["sent"].append(index)
+    return conn.halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunks_wait_for_stream_window(serve, transport, logs):
+    opts = {"sent": []}
+    port = await serve(_stream_chunks, opts, **_server_options(transport))
+    client = await connect_h2(port, transport, settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    await client.wait_for(lambda: client.frames_of(SettingsFrame))
+
+    stream_id = client.request("/stream")
+    response = client.responses[stream_id]
+    await client.wait_for(lambda: response.headers)
+    await _reactor_turns(20)
+    sent_while_blocked = len(opts["sent"])
+    client.conn.increment_flow_control_window(10 * 16384, stream_id)
+    client.flush()
+    await client.response(stream_id)
+    client.transport.loseConnection()
+
+    assert sent_while_blocked <= 1
+    assert response.status == 200
+    assert response.body == b"".join(bytes([index]) * 16384 for index in range(10))
+    assert opts["sent"] == list(range(10))
+    assert _no_failures(logs) == []
