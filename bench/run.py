@@ -282,16 +282,33 @@ def other_load() -> dict[str, object]:
     ours = {os.getpid()}
     for process in _started:
         ours.update(tree_pids(process.pid))
-    output = run(["ps", "-eo", "pid,pcpu,comm", "--sort=-pcpu", "--no-headers"])
+    output = run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu", "--no-headers"])
     busy = []
     for line in output.splitlines():
-        pid, pcpu, comm = line.split(None, 2)
-        if int(pid) not in ours and float(pcpu) >= 5.0 and comm != "ps":
-            busy.append(f"{comm} ({pcpu}%)")
+        pid, pcpu, args = line.split(None, 2)
+        if int(pid) not in ours and float(pcpu) >= 5.0:
+            name = _program_name(args)
+            if name != "ps":
+                busy.append(f"{name} ({pcpu}%)")
     return {
         "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "busy": busy[:8],
     }
+
+
+def _program_name(args: str) -> str:
+    """
+    Name a process by its program, looking past the Python interpreter.
+    """
+    words = [Path(word).name for word in args.split()[:4]]
+    for index, word in enumerate(words):
+        if word == "-m" and index + 1 < len(words):
+            return words[index + 1]
+        if word == "-c":
+            return "python -c"
+        if not word.startswith("python") and not word.startswith("-"):
+            return word
+    return words[0] if words else "?"
 
 
 # Servers
