@@ -141,14 +141,25 @@ class RawClient(Protocol):
 
     async def _read_chunked(self) -> bytes:
         body = b""
-        while True:
-            size = int((await self._read_line()).split(b";")[0], 16)
-            if size == 0:
-                while await self._read_line():
-                    pass
-                return body
-            body += await self._read_exactly(size)
-            await self._read_line()
+        while chunk := await self.read_chunk():
+            body += chunk
+        return body
+
+    async def read_chunk(self) -> bytes:
+        """
+        Read the next chunk of a body, after C{read_response(head_only=True)}.
+
+        :returns: the chunk's data, or C{b""} for the last chunk (its
+            trailer section is read too).
+        """
+        size = int((await self._read_line()).split(b";")[0], 16)
+        if size == 0:
+            while await self._read_line():
+                pass
+            return b""
+        data = await self._read_exactly(size)
+        await self._read_line()
+        return data
 
     async def wait_closed(self) -> None:
         """
