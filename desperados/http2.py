@@ -57,6 +57,8 @@ class H2Connection(_TwistedH2Connection):
     - A stream whose send window is zero or negative, after DATA or after a
       SETTINGS change, waits for WINDOW_UPDATE instead of spinning or raising.
     - A SETTINGS change that opens the send windows resumes waiting streams.
+    - A response complete before its request body resets the stream with
+      NO_ERROR, where upstream raised KeyError on the next DATA frame.
 
     It also runs a request that can stream its body (one with
     C{headReceived}, such as desperados' C{StreamingRequest}) as soon as

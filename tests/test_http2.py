@@ -211,7 +211,7 @@ def send_loop_calls(monkeypatch):
     return calls
 
 
-def _no_failures(logs):
+def _failures(logs):
     return [event for event in logs.events if event.get("log_failure")]
 
 
@@ -235,7 +235,7 @@ async def test_zero_window_waits_without_spinning(serve, transport, logs, send_l
     # A loop that polls the window runs once per reactor turn.
     assert calls_while_blocked <= 2
     assert response.body == BIG_BODY
-    assert _no_failures(logs) == []
+    assert _failures(logs) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -265,7 +265,7 @@ async def test_settings_drive_window_negative(serve, transport, logs):
 
     assert received_while_negative == 65535
     assert response.body == BIG_BODY
-    assert _no_failures(logs) == []
+    assert _failures(logs) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -283,7 +283,7 @@ async def test_settings_opening_window_resume_stream(serve, transport, logs):
     client.transport.loseConnection()
 
     assert response.body == BIG_BODY
-    assert _no_failures(logs) == []
+    assert _failures(logs) == []
 
 
 # Closing
@@ -441,7 +441,7 @@ async def test_response_before_body_resets_stream(serve, transport, logs):
     assert response.ended
     assert response.reset_code == ErrorCodes.NO_ERROR
     assert after.body == b"ignored /after"
-    assert _no_failures(logs) == []
+    assert _failures(logs) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -496,4 +496,4 @@ async def test_chunks_wait_for_stream_window(serve, transport, logs):
     assert response.status == 200
     assert response.body == b"".join(bytes([index]) * 16384 for index in range(10))
     assert opts["sent"] == list(range(10))
-    assert _no_failures(logs) == []
+    assert _failures(logs) == []
