@@ -153,6 +153,8 @@ class DesperadosChannel(HTTPChannel):
     """
 
     options: HTTPOptions = HTTPOptions()
+    # Set by twisted.web's Site.buildProtocol before the connection is made.
+    site: Any = None
 
     _rejected = False
     _in_head = False
@@ -198,7 +200,7 @@ class DesperadosChannel(HTTPChannel):
             self._cancel_deadline()
         return super().setTimeout(period)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         abort, self._abort_call = self._abort_call, None
         if abort is not None and abort.active():
