@@ -91,3 +91,17 @@ class LoadApp(Builder):
         (Websocket, {"timeout": 600.0, "close_handshake_timeout": 30.0}),
         HTTP,
     ]
+
+
+async def count_upload(conn, opts):
+    """
+    Read the request body through read_body and answer with its size.
+
+    Nothing is kept: the memory test measures what streaming costs.
+    """
+    size = 0
+    more = True
+    while more:
+        data, more = await conn.read_body(length=1_000_000)
+        size += len(data)
+    return conn.send_resp(200, str(size)).halt()

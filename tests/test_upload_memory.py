@@ -1,0 +1,84 @@
+"""
+A 100 MB upload streamed through read_body to a twistd child process, whose
+memory must stay flat.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from support import connect
+from twisted.web.client import FileBodyProducer
+from twistd_process import TwistdProcess
+
+UPLOAD_BYTES = 100 * 1024 * 1024
+
+
+class _Filler:
+    """
+    A file of C{size} bytes of filler, read without being held in memory.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.remaining = size
+
+    def read(self, length: int) -> bytes:
+        length = min(length, self.remaining)
+        self.remaining -= length
+        return b"u" * length
+
+    def close(self) -> None:
+        pass
+
+
+def _peak_rss_kib(pid: int) -> int:
+    # VmHWM is the peak resident set size of the process so far (proc(5)).
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_100_mb_upload_keeps_memory_flat():
+    process = await TwistdProcess.start(
+        "--port=0",
+        "--ip=127.0.0.1",
+        "--plug=apps.count_upload",
+        "--max-body-size=none",
+    )
+    try:
+        pid = process.transport.pid
+        client = await connect(process.port())
+        # A first small upload loads every module the upload path needs.
+        client.send(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc")
+        warm = await client.read_response()
+        peak_before = _peak_rss_kib(pid)
+
+        client.send(
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+            % UPLOAD_BYTES
+        )
+        # The producer waits while the socket buffer is full, so this
+        # process never holds the whole body either.
+        sender = FileBodyProducer(_Filler(UPLOAD_BYTES), readSize=65536)
+        client.transport.registerProducer(sender, True)
+        await sender.startProducing(client.transport)
+        client.transport.unregisterProducer()
+        response = await client.read_response()
+        peak_after = _peak_rss_kib(pid)
+        client.transport.loseConnection()
+    finally:
+        process.kill()
+        await process.ended
+
+    print(
+        f"\nserver peak RSS {peak_before} KiB before and {peak_after} KiB after "
+        f"a {UPLOAD_BYTES // (1024 * 1024)} MiB upload"
+    )
+    assert warm.body == b"3"
+    assert response.status == 200
+    assert response.body == str(UPLOAD_BYTES).encode()
+    assert peak_after - peak_before < 50 * 1024
