@@ -144,6 +144,11 @@ class StreamingRequest(Request):
             msg = "the client closed the connection"
             self.body.fail(ClientDisconnectedError(msg))
         super().connectionLost(reason)
+        # twisted.web logs a request when it finishes, which this one never
+        # will; the access log still gets its line.
+        site = getattr(self, "site", None)
+        if self.dispatched and not self.finished and site is not None:
+            site.log(self)
 
     # Internals
 

@@ -343,6 +343,9 @@ class PlugResource(Resource):
                 self._reject(error, request, conn)
                 return
             _forget_http_connection(request)
+            log_upgrade = getattr(getattr(request, "site", None), "log_upgrade", None)
+            if log_upgrade is not None:
+                log_upgrade(request)
             if telemetry.observers:
                 _observe_upgrade(request, conn)
             return

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from desperados import __version__, telemetry
 from desperados._logging import observer as log_observer
+from desperados.access_log import AccessLog
 from desperados.builder import PlugSpec
 from desperados.channel import HTTPChannelSelector, build_channel
 from desperados.compression import Compression
@@ -47,8 +48,8 @@ class DesperadosSite(Site):
     A twisted.web Site serving one L{PlugResource} on every path.
 
     twisted.web's Site writes an access-log line per request to the global
-    log unless told otherwise; this one writes none.  It emits the
-    C{http.connection} events of L{desperados.telemetry}.  Each connection
+    log unless told otherwise; this one writes one only when given
+    C{access_log}.  It emits the C{http.connection} events of L{desperados.telemetry}.  Each connection
     starts as HTTP/1.1 and switches to HTTP/2 after TLS ALPN chose C{h2} or
     when a cleartext client starts with the HTTP/2 connection preface.
     The Site keeps its open HTTP connections so that L{drain} can close them
@@ -60,6 +61,8 @@ class DesperadosSite(Site):
         defaults of L{HTTPOptions} when None.
     :param max_body_size: the largest request body accepted, in bytes; a
         larger one is answered with 413.  None means no limit.
+    :param access_log: where to write a combined log format line per
+        request: a file path, C{"-"} for standard output, or None for none.
     :ivar connections: the open HTTP connections, by their first channel
         (see L{desperados.channel.HTTPChannelSelector.track}).
     :ivar connection_limit: the count of open connections, and their limit.
@@ -77,6 +80,7 @@ class DesperadosSite(Site):
         *,
         http_options: HTTPOptions | None = None,
         max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
+        access_log: str | None = None,
         **kwargs: Any,
     ) -> None:
         options = http_options or HTTPOptions()
@@ -90,6 +94,9 @@ class DesperadosSite(Site):
         self._abort_requested = False
         self.http_options = options
         self.max_body_size = max_body_size
+        self.access_log = (
+            None if access_log is None else AccessLog(access_log, self.reactor)
+        )
         self.connection_limit = ConnectionLimit(
             options.max_connections, self.reactor, options.linger_timeout
         )
@@ -110,7 +117,22 @@ class DesperadosSite(Site):
         return [b"h2", b"http/1.1"]
 
     def log(self, request: Any) -> None:
-        pass
+        # Called by twisted.web's Request.finish, and by StreamingRequest
+        # for a request whose client left.
+        if self.access_log is not None:
+            self.access_log.write(request)
+
+    def log_upgrade(self, request: Any) -> None:
+        """
+        Write the access log line of a request handed to the WebSocket bridge.
+        """
+        if self.access_log is not None:
+            self.access_log.write(request, status=101)
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        if self.access_log is not None:
+            self.access_log.close()
 
     def forget_connection(self, channel: HTTPChannel) -> None:
         """
@@ -186,6 +208,7 @@ def make_site(
     response_timeout: float | None = DEFAULT_RESPONSE_TIMEOUT,
     http_options: HTTPOptions | None = None,
     max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
+    access_log: str | None = None,
 ) -> DesperadosSite:
     """
     Build the Site that runs C{plug} for every request.
@@ -198,6 +221,7 @@ def make_site(
     :param http_options: limits and timeouts of the connections.
     :param max_body_size: the largest request body accepted, in bytes, or
         None for no limit.
+    :param access_log: a file path or C{"-"} for an access log, None for none.
     """
     return DesperadosSite(
         PlugResource(
@@ -209,6 +233,7 @@ def make_site(
         ),
         http_options=http_options,
         max_body_size=max_body_size,
+        access_log=access_log,
         reactor=reactor,
     )
 
@@ -334,6 +359,7 @@ def start_link(
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     http_options: HTTPOptions | None = None,
     max_body_size: int | None = DEFAULT_MAX_BODY_SIZE,
+    access_log: str | None = None,
 ) -> Deferred[Server]:
     """
     Start serving C{plug} and fire with the running L{Server}.
@@ -368,6 +394,8 @@ def start_link(
         defaults of L{HTTPOptions} when None.
     :param max_body_size: the largest request body accepted, in bytes; a
         larger one is answered with 413.  None means no limit.
+    :param access_log: where to write a combined log format line per
+        request: a file path, C{"-"} for standard output, or None for none.
     :raises ValueError: for bad scheme, certificate or endpoint options.
     """
     if reactor is None:
@@ -384,6 +412,7 @@ def start_link(
         response_timeout=response_timeout,
         http_options=http_options,
         max_body_size=max_body_size,
+        access_log=access_log,
     )
     plug_name = plug if isinstance(plug, str) else site.plug_resource._plug.name
 

@@ -61,8 +61,8 @@ async def test_100_mb_upload_keeps_memory_flat():
             b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
             % UPLOAD_BYTES
         )
-        # The producer waits while the socket buffer is full, so this
-        # process never holds the whole body either.
+        # The producer waits while the socket buffer is full, so the
+        # test process never keeps the whole body in memory either.
         sender = FileBodyProducer(_Filler(UPLOAD_BYTES), readSize=65536)
         client.transport.registerProducer(sender, True)
         await sender.startProducing(client.transport)

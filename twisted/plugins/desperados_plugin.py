@@ -149,6 +149,13 @@ class Options(usage.Options):
             "it is aborted.",
         ],
         [
+            "access-log",
+            None,
+            None,
+            "File to append a combined log format line per request to, or '-' "
+            "for standard output; no access log by default.",
+        ],
+        [
             "max-body-size",
             None,
             "8000000",
@@ -354,6 +361,7 @@ class DesperadosServiceMaker:
             response_timeout=options["response-timeout"],
             http_options=options["http-options"],
             max_body_size=options["max-body-size"],
+            access_log=options["access-log"],
         )
         if options["listen"]:
             endpoints = [

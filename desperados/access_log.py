@@ -1,0 +1,107 @@
+"""
+The access log: one line per request in the combined log format.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.web.http import datetimeToLogString
+
+# nginx's status for a request whose client closed the connection before
+# any response was sent; no response status exists for it.
+CLIENT_CLOSED = 499
+
+_HTTP2 = b"HTTP/2"
+
+# Bytes written as is inside a quoted field: printable ASCII but the quote
+# and the backslash, which get a backslash, as Apache escapes them.
+_PLAIN = frozenset(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
+
+
+class AccessLog:
+    """
+    Writes a combined log format line for each request to a file or stdout.
+
+    The format is Apache's C{combined}: client address, C{-}, C{-}, time,
+    request line, status, body bytes sent (C{-} for none), Referer and
+    User-Agent.  The request line of an HTTP/2 request ends in C{HTTP/2.0}.
+    A request whose client left before any response gets status
+    499, as in nginx; WebSocket upgrades are logged with 101 when handed
+    over.
+
+    :param destination: a file path, opened for appending, or C{"-"} for
+        standard output.
+    :param clock: an C{IReactorTime} for the timestamps.
+    """
+
+    def __init__(self, destination: str, clock: Any) -> None:
+        self.destination = destination
+        self.clock = clock
+        self._file: IO[str] | None = None
+
+    def open(self) -> None:
+        """
+        Open the destination, unless it is open already.
+        """
+        if self._file is not None:
+            return
+        if self.destination == "-":
+            self._file = sys.stdout
+        else:
+            # Line buffered, so that a line is complete on disk once written.
+            self._file = open(self.destination, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def close(self) -> None:
+        """
+        Close the destination file; standard output stays open.
+        """
+        file, self._file = self._file, None
+        if file is not None and file is not sys.stdout:
+            file.close()
+
+    def write(self, request: Any, status: int | None = None) -> None:
+        """
+        Write the line for C{request}, opening the destination if needed.
+
+        :param status: the status to log instead of the request's own.
+        """
+        self.open()
+        assert self._file is not None
+        self._file.write(format_line(request, self.clock.seconds(), status) + "\n")
+        if self._file is sys.stdout:
+            self._file.flush()
+
+
+def format_line(request: Any, now: float, status: int | None = None) -> str:
+    """
+    Format the combined log format line of C{request} at time C{now}.
+    """
+    client = request.getClientAddress()
+    host = client.host if isinstance(client, (IPv4Address, IPv6Address)) else "-"
+    version = b"HTTP/2.0" if request.clientproto == _HTTP2 else request.clientproto
+    request_line = b"%s %s %s" % (request.method, request.uri, version)
+    if status is None:
+        started = request.startedWriting or request.finished
+        status = request.code if started else CLIENT_CLOSED
+    sent = request.sentLength
+    referer = request.getHeader(b"referer") or b"-"
+    agent = request.getHeader(b"user-agent") or b"-"
+    return (
+        f'{host} - - {datetimeToLogString(now)} "{_escape(request_line)}" '
+        f'{status} {sent or "-"} "{_escape(referer)}" "{_escape(agent)}"'
+    )
+
+
+def _escape(value: bytes) -> str:
+    return "".join(
+        chr(byte) if byte in _PLAIN else _escaped_byte(byte) for byte in value
+    )
+
+
+def _escaped_byte(byte: int) -> str:
+    if byte in (ord('"'), ord("\\")):
+        return "\\" + chr(byte)
+    return f"\\x{byte:02x}"

@@ -1,0 +1,170 @@
+"""
+The access log over real loopback sockets: one combined log format line per
+request, HTTP/2 included, and client disconnects that are not errors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest_twisted
+from http2_support import connect_h2
+from support import connect
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+COMBINED = re.compile(
+    r'(?P<host>\S+) - - \[(?P<time>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000)\] '
+    r'"(?P<request>[^"\\]*(?:\\.[^"\\]*)*)" (?P<status>\d{3}) (?P<size>\d+|-) '
+    r'"(?P<referer>[^"\\]*(?:\\.[^"\\]*)*)" "(?P<agent>[^"\\]*(?:\\.[^"\\]*)*)"$'
+)
+
+
+def _lines(path) -> list[re.Match]:
+    text = path.read_text() if path.exists() else ""
+    matches = [COMBINED.match(line) for line in text.splitlines()]
+    assert all(matches), text
+    return matches
+
+
+async def _until_lines(path, count: int) -> list[re.Match]:
+    # The line is written when the response finishes, which the client can
+    # see a moment before the server has run its last callback.
+    for _ in range(500):
+        lines = _lines(path)
+        if len(lines) >= count:
+            return lines
+        await deferLater(reactor, 0.01)
+    return _lines(path)
+
+
+def _ok(conn, opts):
+    return conn.send_resp(200, b"hello").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_get_combined_lines(serve, tmp_path):
+    path = tmp_path / "access.log"
+    port = await serve(_ok, access_log=str(path))
+    client = await connect(port)
+
+    client.send(
+        b"GET /page?q=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b'Referer: http://example.com/"quoted"\r\nUser-Agent: test-agent/1.0\r\n\r\n'
+    )
+    await client.read_response()
+    client.send(b"HEAD /head HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await client.read_response(head_only=True)
+    lines = await _until_lines(path, 2)
+    client.transport.loseConnection()
+
+    get, head = lines
+    assert get["host"] == "127.0.0.1"
+    assert get["request"] == "GET /page?q=1 HTTP/1.1"
+    assert get["status"] == "200"
+    assert get["size"] == "5"
+    assert get["referer"] == 'http://example.com/\\"quoted\\"'
+    assert get["agent"] == "test-agent/1.0"
+    assert head["request"] == "HEAD /head HTTP/1.1"
+    assert head["size"] == "-"
+    assert head["referer"] == "-"
+    assert head["agent"] == "-"
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_access_log_by_default(serve, tmp_path, capsys):
+    port = await serve(_ok)
+    client = await connect(port)
+
+    client.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await client.read_response()
+    client.transport.loseConnection()
+
+    assert capsys.readouterr().out == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_dash_writes_to_stdout(serve, capsys):
+    port = await serve(_ok, access_log="-")
+    client = await connect(port)
+
+    client.send(b"GET /out HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await client.read_response()
+    client.transport.loseConnection()
+    await deferLater(reactor, 0.05)
+
+    [line] = capsys.readouterr().out.splitlines()
+    assert COMBINED.match(line)["request"] == "GET /out HTTP/1.1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_request_is_logged(serve, tmp_path):
+    path = tmp_path / "access.log"
+    port = await serve(_ok, access_log=str(path))
+    client = await connect_h2(port)
+
+    stream_id = client.request("/over-h2")
+    response = await client.response(stream_id)
+    [line] = await _until_lines(path, 1)
+    client.transport.loseConnection()
+
+    assert response.status == 200
+    assert line["request"] == "GET /over-h2 HTTP/2.0"
+    assert line["status"] == "200"
+    assert line["size"] == "5"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_is_logged_not_an_error(serve, tmp_path, logs):
+    arrived: Deferred = Deferred()
+
+    def never_answers(conn, opts):
+        arrived.callback(None)
+        return Deferred()
+
+    path = tmp_path / "access.log"
+    port = await serve(never_answers, access_log=str(path))
+    client = await connect(port)
+
+    client.send(b"GET /gone HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await arrived
+    client.transport.loseConnection()
+    [line] = await _until_lines(path, 1)
+
+    assert line["request"] == "GET /gone HTTP/1.1"
+    assert line["status"] == "499"
+    assert line["size"] == "-"
+    assert not [event for event in logs.events if event.get("log_failure")]
+    assert not [
+        event
+        for event in logs.events
+        if event.get("log_level") is not None
+        and event["log_level"].name in ("error", "critical")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_upgrade_is_logged(serve, tmp_path):
+    from support import open_websocket
+
+    path = tmp_path / "access.log"
+    port = await serve(access_log=str(path))
+
+    client, response = await open_websocket(port, "/socket")
+    [line] = await _until_lines(path, 1)
+    client.transport.loseConnection()
+
+    assert response.status == 101
+    assert line["request"] == "GET /socket HTTP/1.1"
+    assert line["status"] == "101"
+
+
+def test_twistd_access_log_option():
+    from twisted.plugins.desperados_plugin import Options
+
+    options = Options()
+    options.parseOptions(["--access-log", "-"])
+
+    assert options["access-log"] == "-"
+    assert Options()["access-log"] is None
