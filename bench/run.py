@@ -453,6 +453,9 @@ WS_CELLS = {
     for mode in ("pingpong", "burst")
     for size in (16, 16384)
 }
+# Offered by the client with its defaults; servers that decline it echo
+# uncompressed, and the page says which.
+DEFLATE_CELLS = {"deflate-16384-50": ("pingpong", 16384, 50)}
 H2_CELLS = {
     "h2-50x10": ("50 conns x 10 streams", ["-c50", "-m10"]),
     "h2-1x1": ("1 conn x 1 stream", ["-c1", "-m1"]),
@@ -517,9 +520,13 @@ def _expect(lines: queue.Queue, wanted: str, timeout: float) -> str:
             return line
 
 
-def ws_load(server: Running, mode: str, size: int, conns: int, seconds: float, warmup: float) -> dict:
+def ws_load(
+    server: Running, mode: str, size: int, conns: int, seconds: float, warmup: float, deflate: bool = False
+) -> dict:
     url = f"ws://127.0.0.1:{server.port}/bench"
     argv = ["node", str(BENCH / "wsload.js"), url, mode, str(conns), str(size), str(warmup), str(seconds)]
+    if deflate:
+        argv.append("deflate")
     process = spawn(argv, CLIENT_CPU, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
@@ -543,6 +550,7 @@ def ws_load(server: Running, mode: str, size: int, conns: int, seconds: float, w
         "rate": result["rate"],
         "client_cpu": result["client_cpu"],
         "server_cpu": server_cpu,
+        "deflate": result.get("deflate", False),
         "command": shlex.join(["node", "bench/wsload.js", "URL", *argv[3:]]),
     }
 
@@ -729,6 +737,12 @@ def _measure_plain(plan: Plan, setup: Setup, server: Server, results: dict, fail
                     lambda: ws_load(running, mode, size, conns, plan.seconds, plan.warmup),
                 )  # fmt: skip
                 running.check_alive()
+            for cell, (mode, size, conns) in DEFLATE_CELLS.items():
+                _record(
+                    results, failures, server, cell,
+                    lambda: ws_load(running, mode, size, conns, plan.seconds, plan.warmup, True),
+                )  # fmt: skip
+                running.check_alive()
     finally:
         running.stop()
 
@@ -820,6 +834,10 @@ def _floors(plan: Plan, results: dict) -> list[str]:
         (key, f"WebSocket {mode} {size} B, {conns} conn(s)", "autobahn")
         for key, (mode, size, conns) in WS_CELLS.items()
     ]
+    cells += [
+        (key, f"WebSocket {mode} {size} B, {conns} conn(s), permessage-deflate", "autobahn")
+        for key, (mode, size, conns) in DEFLATE_CELLS.items()
+    ]
     cells += [("memory", "idle WebSocket memory (lower is better)", "autobahn")]
     rows = []
     for key, label, baseline in cells:
@@ -893,6 +911,26 @@ def render(plan: Plan, info: dict, results: dict, failures: dict) -> str:
             out += _table(results, failures, [s for s in servers if "ws" in s.kinds], cells, "autobahn")
         else:
             out.append("Not measured in this run.")
+
+    out += ["", "### WebSocket echo with permessage-deflate offered (ratio to hand-written Autobahn)", ""]
+    if "ws" in plan.kinds:
+        cells = [
+            (f"ping-pong 16 KiB, {conns} conns", key) for key, (_, _, conns) in DEFLATE_CELLS.items()
+        ]
+        ws_servers = [s for s in servers if "ws" in s.kinds]
+        out += _table(results, failures, ws_servers, cells, "autobahn")
+        declined = sorted(
+            s.label for s in ws_servers for key in DEFLATE_CELLS
+            if any(not r.get("deflate") for r in results.get((s.name, key), []))
+        )  # fmt: skip
+        out += [
+            "",
+            "The client sends English-like text and offers permessage-deflate with"
+            " its defaults. "
+            + ("Declined it and echoed uncompressed: " + ", ".join(declined) + "." if declined else "Every server accepted it."),
+        ]
+    else:
+        out.append("Not measured in this run.")
 
     out += [
         "",

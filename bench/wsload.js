@@ -1,6 +1,6 @@
 // WebSocket load client for bench/run.py.
 //
-//   node wsload.js URL MODE CONNS SIZE WARMUP_S DURATION_S
+//   node wsload.js URL MODE CONNS SIZE WARMUP_S DURATION_S [deflate]
 //
 // MODE is "pingpong" (one message in flight per connection), "burst" (32 in
 // flight per connection) or "idle" (open CONNS connections, echo one message
@@ -8,18 +8,24 @@
 // text frames of SIZE ASCII bytes; every echo is checked for its length.
 // Prints "measure start" and "measure end" when the timed window opens and
 // closes, then one JSON line: messages echoed in the window, the rate, and
-// this process's CPU time in the window (its share of one core).
+// this process's CPU time in the window (its share of one core).  With
+// "deflate" the client offers permessage-deflate (RFC 7692), and the JSON
+// says whether every connection negotiated it.
 "use strict";
 const WebSocket = require("ws");
 
-const [url, mode, connsText, sizeText, warmupText, durationText] = process.argv.slice(2);
+const [url, mode, connsText, sizeText, warmupText, durationText, extension] =
+  process.argv.slice(2);
 const conns = Number(connsText);
 const size = Number(sizeText);
 const warmup = Number(warmupText || 0) * 1000;
 const duration = Number(durationText || 0) * 1000;
 const window = mode === "burst" ? 32 : 1;
-const payload = Buffer.alloc(size, "x");
-const options = { perMessageDeflate: false, skipUTF8Validation: true, maxPayload: 0 };
+const deflate = extension === "deflate";
+const options = { perMessageDeflate: deflate, skipUTF8Validation: true, maxPayload: 0 };
+// Text that compresses about as well as ordinary JSON, not a run of one byte.
+const words = "the quick brown fox jumps over a lazy dog while 42 cats watch ";
+const payload = Buffer.from(words.repeat(Math.ceil(size / words.length)).slice(0, size));
 
 let echoed = 0;
 let running = true;
@@ -108,6 +114,7 @@ async function load() {
       seconds,
       rate: (count1 - count0) / seconds,
       client_cpu: cpuSeconds / seconds,
+      deflate: opened.every((ws) => ws.extensions.split(",").includes("permessage-deflate")),
     })
   );
   for (const ws of opened) ws.terminate();

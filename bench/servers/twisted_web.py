@@ -3,7 +3,8 @@ The floors of desperados' own stack, written by hand on twisted.web.
 
 ``python twisted_web.py plain PORT`` serves a leaf Resource answering 404 on
 every path.  ``python twisted_web.py autobahn PORT`` does the same but hands
-WebSocket upgrades to Autobahn's ``WebSocketResource`` with an echo protocol.
+WebSocket upgrades to Autobahn's ``WebSocketResource`` with an echo protocol
+that accepts permessage-deflate when the client offers it.
 Neither writes an access log, like ``twistd desperados``.
 """
 
@@ -13,6 +14,7 @@ import sys
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -32,6 +34,13 @@ class NotFound(Resource):
         return b"not found"
 
 
+def accept_deflate(offers):
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
 class Echo(WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         self.sendMessage(payload, isBinary)
@@ -42,6 +51,7 @@ class NotFoundOrWebSocket(NotFound):
         super().__init__()
         factory = WebSocketServerFactory()
         factory.protocol = Echo
+        factory.setProtocolOptions(perMessageCompressionAccept=accept_deflate)
         self.websocket = WebSocketResource(factory)
 
     def render(self, request):
