@@ -41,7 +41,7 @@ class RequestBody:
     The connection calls L{feed}, L{finish} and L{fail}; a plug reads with
     L{read}.  When more than L{HIGH_WATER} bytes wait unread, C{pause} stops
     the connection from reading and C{resume} restarts it once a read has
-    taken them, so a slow reader holds at most about that much in memory.
+    taken them, so a slow reader keeps at most about that much in memory.
 
     :param expected_length: the Content-Length, or None for a chunked body.
     :param max_size: the largest body accepted, None for no limit.
@@ -62,7 +62,6 @@ class RequestBody:
         self.received = 0
         self.complete = expected_length == 0
         self.error: DesperadosError | None = None
-        self.reading_started = False
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._pause = pause
@@ -175,7 +174,6 @@ class RequestBody:
         if self._waiter is not None:
             msg = "read_body() called while an earlier read_body() is still waiting"
             raise ValueError(msg)
-        self.reading_started = True
         if self.error is not None:
             return fail(self.error)
         if self._chunks or self.complete:

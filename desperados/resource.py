@@ -417,7 +417,12 @@ class PlugResource(Resource):
             return
         if request.startedWriting:
             # The status line is gone; all that is left is to cut the response.
-            request.channel.loseConnection()
+            if request.clientproto == _HTTP2:
+                # Ending the stream would make the cut response look complete;
+                # RST_STREAM tells the client it is not.
+                request.channel.abortConnection()
+            else:
+                request.channel.loseConnection()
             return
         request.setResponseCode(status)
         response_headers = request.responseHeaders

@@ -45,7 +45,7 @@ class ResponseStream:
         self.compressor = compressor
         self._paused = False
         self._waiters: list[Deferred[None]] = []
-        # Send the head now, before the first part: the plug asked for it.
+        # send_chunked sends the head at once, before any part.
         request.write(b"")
         request.registerProducer(self, True)
         request.notifyFinish().addErrback(self._lost)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from http2_support import connect_h2
 from support import connect
 from twisted.internet.defer import Deferred
 
@@ -292,3 +293,72 @@ def test_inform_after_send_raises():
 
     with pytest.raises(AlreadySentError):
         conn.inform(103)
+
+
+# The same helpers over HTTP/2 (cleartext, prior knowledge)
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_early_hints_then_response(serve):
+    port = await serve(_early_hints)
+    client = await connect_h2(port)
+
+    stream_id = client.request("/")
+    response = await client.response(stream_id)
+    client.transport.loseConnection()
+
+    [hints] = response.informational
+    assert (b":status", b"103") in hints
+    assert (b"link", b"</style.css>; rel=preload; as=style") in hints
+    assert response.status == 200
+    assert response.body == b"page"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_chunked_response_is_data_frames(serve):
+    port = await serve(_stream_parts)
+    client = await connect_h2(port)
+
+    stream_id = client.request("/")
+    response = await client.response(stream_id)
+    client.transport.loseConnection()
+
+    assert response.status == 200
+    assert response.header(b"transfer-encoding") is None
+    assert response.header(b"content-length") is None
+    assert response.body == b"one,two,three"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_send_file_range(serve, data_file):
+    port = await serve(_file_plug, data_file)
+    client = await connect_h2(port)
+
+    stream_id = client.request("/?offset=1000&length=70000")
+    response = await client.response(stream_id)
+    client.transport.loseConnection()
+
+    assert response.header(b"content-length") == b"70000"
+    assert response.body == data_file.read_bytes()[1000:71000]
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_failing_chunked_response_resets_stream(serve, logs):
+    async def fail_midway(conn, opts):
+        conn.send_chunked(200)
+        await conn.chunk(b"partial")
+        raise RuntimeError("plug failed on purpose")
+
+    port = await serve(fail_midway)
+    client = await connect_h2(port)
+
+    stream_id = client.request("/")
+    response = await client.response(stream_id)
+    client.transport.loseConnection()
+
+    # The DATA frame may still be queued when the stream is reset.
+    assert response.body in (b"", b"partial")
+    assert not response.ended
+    assert response.reset_code is not None
+    [failure] = [event for event in logs.events if event.get("log_failure")]
+    failure["log_failure"].trap(RuntimeError)
