@@ -25,7 +25,8 @@ class AccessLog:
     """
     Writes a combined log format line for each request to a file or stdout.
 
-    The format is Apache's C{combined}: client address, C{-}, C{-}, time,
+    The format is Apache's C{combined}: client address (C{conn.remote_ip},
+    so that a plug such as C{ProxyHeaders} can set it), C{-}, C{-}, time,
     request line, status, body bytes sent (C{-} for none), Referer and
     User-Agent.  The request line of an HTTP/2 request ends in C{HTTP/2.0}.
     A request whose client left before any response gets status
@@ -79,8 +80,10 @@ def format_line(request: Any, now: float, status: int | None = None) -> str:
     """
     Format the combined log format line of C{request} at time C{now}.
     """
-    client = request.getClientAddress()
-    host = client.host if isinstance(client, (IPv4Address, IPv6Address)) else "-"
+    host = getattr(request, "access_log_client", None)
+    if not host:
+        client = request.getClientAddress()
+        host = client.host if isinstance(client, (IPv4Address, IPv6Address)) else "-"
     version = b"HTTP/2.0" if request.clientproto == _HTTP2 else request.clientproto
     request_line = b"%s %s %s" % (request.method, request.uri, version)
     if status is None:

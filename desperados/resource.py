@@ -75,7 +75,7 @@ class _RequestAdapter:
             conn.get_req_header("accept-encoding"),
             self.compression,
         )
-        self._write_head(conn.status, headers)
+        self._write_head(conn, headers)
         self.stream = ResponseStream(request, compressor)
 
     def chunk(self, conn: Conn, data: bytes) -> Deferred[Conn]:
@@ -100,15 +100,17 @@ class _RequestAdapter:
             return
         # Not compressed: the Content-Length is the file's, and a compressed
         # range would need the ranges counted in compressed bytes.
-        self._write_head(conn.status, conn.resp_headers)
+        self._write_head(conn, conn.resp_headers)
         send_file_range(request, file, offset, length)
 
     def inform(self, conn: Conn, status: int, headers: list[tuple[str, str]]) -> None:
         send_informational(self.request, status, headers)
 
-    def _write_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+    def _write_head(self, conn: Conn, headers: list[tuple[str, str]]) -> None:
         request = self.request
-        request.setResponseCode(status)
+        # A plug such as ProxyHeaders may have changed the client address.
+        request.access_log_client = conn.remote_ip
+        request.setResponseCode(conn.status)
         response_headers = request.responseHeaders
         for name, value in headers:
             response_headers.addRawHeader(
@@ -120,7 +122,7 @@ class _RequestAdapter:
         if request.finished or request._disconnected:
             return
         headers, body = wire_response(conn, body, self.compression)
-        self._write_head(conn.status, headers)
+        self._write_head(conn, headers)
         if body:
             request.write(body)
         request.finish()
@@ -313,6 +315,7 @@ class PlugResource(Resource):
         return conn
 
     def _finish(self, conn: Conn, request: Request) -> None:
+        request.access_log_client = conn.remote_ip
         if conn.state == SENT:
             return
         if conn.state == CHUNKED:
@@ -359,6 +362,7 @@ class PlugResource(Resource):
         self._send_error(request, 500, b"internal server error")
 
     def _fail(self, failure: Failure, request: Request, conn: Conn) -> None:
+        request.access_log_client = conn.remote_ip
         error = failure.value
         if isinstance(error, ClientDisconnectedError):
             # Nobody is left to answer, and a client leaving is not an error.

@@ -168,3 +168,23 @@ def test_twistd_access_log_option():
 
     assert options["access-log"] == "-"
     assert Options()["access-log"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxied_client_address_is_logged(serve, tmp_path):
+    from desperados import Builder
+    from desperados.plugs import ProxyHeaders
+
+    path = tmp_path / "access.log"
+    pipeline = Builder([(ProxyHeaders, {"trusted": ["127.0.0.1"]}), _ok])
+    port = await serve(pipeline, access_log=str(path))
+    client = await connect(port)
+
+    client.send(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n"
+    )
+    await client.read_response()
+    [line] = await _until_lines(path, 1)
+    client.transport.loseConnection()
+
+    assert line["host"] == "203.0.113.7"
