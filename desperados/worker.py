@@ -76,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.plugins.desperados_plugin import Options, service_maker
 
     output = os.fdopen(1, "w", buffering=1, encoding="utf-8")
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(output)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [jsonFileLogObserver(output)], redirectStandardIO=False
+    )
 
     options = Options()
     options.parseOptions(plugin_argv)
@@ -115,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # process reacts to it by sending SIGTERM, so a worker waits for that
         # instead of starting a second, competing stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        log.info("worker {index} serving {plug}", index=args.index, plug=options["plug"])
+        log.info(
+            "worker {index} serving {plug}", index=args.index, plug=options["plug"]
+        )
         with os.fdopen(_CONTROL_FD, "wb") as control:
             control.write(b"ready\n")
 
@@ -125,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # A main process killed with SIGKILL cannot stop its workers; they
         # notice that they were handed to another parent and stop themselves.
         if os.getppid() != parent and reactor.running:
-            log.warn("worker {index}: the main process is gone, stopping", index=args.index)
+            log.warn(
+                "worker {index}: the main process is gone, stopping", index=args.index
+            )
             reactor.stop()
 
     reactor.callWhenRunning(start)

@@ -53,8 +53,10 @@ def worker_count(value: str) -> int:
     :raises ValueError: for anything else.
     """
     if value == "auto":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
         )
     try:
         count = int(value)
@@ -132,7 +134,9 @@ class _Worker(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         status = _describe_exit(reason)
         if not self.is_ready:
-            self.ready.errback(RuntimeError(f"worker exited before it was ready: {status}"))
+            self.ready.errback(
+                RuntimeError(f"worker exited before it was ready: {status}")
+            )
             self.ready.addErrback(lambda failure: None)
         self.ended.callback(status)
         self.pool._worker_ended(self, reason, status)
@@ -215,7 +219,9 @@ class WorkerPool(Service):
             # The main process keeps the socket open but never accepts on it.
             port.stopReading()
             self.ports.append(port)
-            _log_startup(self.startup_log, self.plug_name, port, endpoint_scheme(endpoint))
+            _log_startup(
+                self.startup_log, self.plug_name, port, endpoint_scheme(endpoint)
+            )
         self._prepare_metrics_dir()
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         for index in range(self.count):
@@ -236,7 +242,8 @@ class WorkerPool(Service):
         worker = _Worker(self, index)
         command = [sys.executable, "-m", "desperados.worker", "--index", str(index)]
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: 2, _CONTROL_FD: "r"}
-        for offset, (port, haproxy) in enumerate(zip(self.ports, self.wrap_haproxy)):
+        sockets = zip(self.ports, self.wrap_haproxy, strict=True)
+        for offset, (port, haproxy) in enumerate(sockets):
             fd = _FIRST_LISTEN_FD + offset
             child_fds[fd] = port.fileno()
             family = port.socket.family.name.removeprefix("AF_")
@@ -245,7 +252,9 @@ class WorkerPool(Service):
         env = dict(os.environ)
         if self._metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
-        self.reactor.spawnProcess(worker, sys.executable, command, env=env, childFDs=child_fds)
+        self.reactor.spawnProcess(
+            worker, sys.executable, command, env=env, childFDs=child_fds
+        )
         self.workers[index] = worker
         self._live.add(worker)
         log.info("started worker {index} as pid {pid}", index=index, pid=worker.pid)
@@ -403,7 +412,9 @@ class WorkerPool(Service):
         ports, self.ports = self.ports, []
         stopping = [port.stopListening() for port in ports]
         for port in ports:
-            log.info("stopped listening at {address}", address=format_address(port.getHost()))
+            log.info(
+                "stopped listening at {address}", address=format_address(port.getHost())
+            )
         if self._metrics_dir is not None:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
             self._metrics_dir = None
@@ -429,4 +440,3 @@ def _mark_process_dead(pid: int | None, path: str | None) -> None:
     directory = path or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
         multiprocess.mark_process_dead(pid, directory)
-

@@ -25,7 +25,8 @@ PAGE = """<!doctype html>
 const results = { done: false, extensions: null, messages: [], closeCode: null };
 window.results = results;
 const show = (line) => { document.getElementById("log").textContent += line + "\\n"; };
-const sent = ["hello", new Uint8Array([0, 1, 2, 255]), "ping\\n", "\\u00e9cho ".repeat(4000)];
+const long = "\\u00e9cho ".repeat(4000);
+const sent = ["hello", new Uint8Array([0, 1, 2, 255]), "ping\\n", long];
 
 const socket = new WebSocket(location.href.replace(/^http/, "ws"));
 socket.binaryType = "arraybuffer";

@@ -83,7 +83,9 @@ def read_events(path: Path) -> list[dict]:
     return events
 
 
-def wait_for_event(path: Path, fragment: str, count: int = 1, timeout: float = 30) -> list[dict]:
+def wait_for_event(
+    path: Path, fragment: str, count: int = 1, timeout: float = 30
+) -> list[dict]:
     """
     Wait until C{count} events whose log_format contains C{fragment} were logged.
 
@@ -91,7 +93,9 @@ def wait_for_event(path: Path, fragment: str, count: int = 1, timeout: float = 3
     """
     deadline = time.monotonic() + timeout
     while True:
-        found = [e for e in read_events(path) if fragment in (e.get("log_format") or "")]
+        found = [
+            e for e in read_events(path) if fragment in (e.get("log_format") or "")
+        ]
         if len(found) >= count:
             return found
         if time.monotonic() > deadline:

@@ -37,7 +37,11 @@ async def test_chromium_echoes_through_page(serve, tmp_path):
 
     # WebDriver calls block, so they run in a thread while the reactor serves.
     results = await deferToThread(
-        _results_in_chromium, f"http://127.0.0.1:{port}/", tmp_path / "profile", chromium, driver
+        _results_in_chromium,
+        f"http://127.0.0.1:{port}/",
+        tmp_path / "profile",
+        chromium,
+        driver,
     )
 
     assert "permessage-deflate" in results["extensions"]

@@ -59,7 +59,9 @@ App = Builder([Websocket, endpoints.Websocket, report_path])
 
 async def _get(port: int, path: str) -> tuple[int, bytes]:
     client = await connect(port)
-    client.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    client.send(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    )
     response = await client.read_response()
     await client.wait_closed()
     return response.status, response.body
@@ -160,7 +162,8 @@ def test_systemd_socket_activation(tmp_path: Path):
     launcher = (
         "import os, sys; "
         f"os.dup2({fd}, 3); os.close({fd}); "
-        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='web'); "
+        "os.environ.update("
+        "LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='web'); "
         "os.execv(sys.argv[1], sys.argv[1:])"
     )
     command = [
@@ -192,8 +195,14 @@ def test_systemd_socket_activation(tmp_path: Path):
     assert int(body) == process.pid
     # twistd ends itself with the signal that stopped it, as a shell expects.
     assert returncode == -signal.SIGTERM
-    startup = [e for e in read_events(log) if "Running {plug}" in (e.get("log_format") or "")]
+    startup = [
+        e for e in read_events(log) if "Running {plug}" in (e.get("log_format") or "")
+    ]
     assert len(startup) == 1
     assert startup[0]["address"] == f"127.0.0.1:{port}"
-    stopped = [e for e in read_events(log) if "stopped listening" in (e.get("log_format") or "")]
+    stopped = [
+        e
+        for e in read_events(log)
+        if "stopped listening" in (e.get("log_format") or "")
+    ]
     assert len(stopped) == 1

@@ -112,7 +112,10 @@ async def test_metrics_counts_websocket_traffic(serve):
     assert during[(messages, (("direction", "out"), ("opcode", "binary")))] == 1
     assert during[(payload, (("direction", "in"),))] == 8
     assert during[(payload, (("direction", "out"),))] == 8
-    upgrades = ("desperados_http_requests_total", (("method", "GET"), ("status", "101")))
+    upgrades = (
+        "desperados_http_requests_total",
+        (("method", "GET"), ("status", "101")),
+    )
     assert during[upgrades] == 1
     assert after[("desperados_websocket_connections", ())] == 0
 
@@ -129,10 +132,16 @@ async def test_metrics_counts_upgrade_rejections(serve):
 
     rejections = "desperados_websocket_upgrade_rejections_total"
     by_status = {
-        labels[1][1]: value for (name, labels), value in samples.items() if name == rejections
+        labels[1][1]: value
+        for (name, labels), value in samples.items()
+        if name == rejections
     }
     assert by_status == {"426": 1, "400": 1}
-    reasons = [dict(labels)["reason"] for (name, labels), _ in samples.items() if name == rejections]
+    reasons = [
+        dict(labels)["reason"]
+        for (name, labels), _ in samples.items()
+        if name == rejections
+    ]
     assert "a WebSocket upgrade must use the GET method" in reasons
     assert samples[("desperados_websocket_connections", ())] == 0
 
@@ -150,7 +159,15 @@ async def test_metrics_path_and_registry_are_options(serve):
     samples = await _scrape(port, "/stats")
 
     assert not_here == 404
-    assert samples[("desperados_http_requests_total", (("method", "GET"), ("status", "404")))] == 1
-    assert registry.get_sample_value(
-        "desperados_http_requests_total", {"method": "GET", "status": "404"}
-    ) == 1
+    assert (
+        samples[
+            ("desperados_http_requests_total", (("method", "GET"), ("status", "404")))
+        ]
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "desperados_http_requests_total", {"method": "GET", "status": "404"}
+        )
+        == 1
+    )

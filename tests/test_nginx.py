@@ -91,7 +91,9 @@ def _free_port() -> int:
 def _wait_until_listening(port: int, process: subprocess.Popen) -> None:
     for _ in range(200):
         if process.poll() is not None:
-            raise RuntimeError(f"nginx exited with {process.returncode}: {process.stderr.read()}")
+            raise RuntimeError(
+                f"nginx exited with {process.returncode}: {process.stderr.read()}"
+            )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -119,7 +121,17 @@ def nginx(tmp_path: Path):
             )
         )
         process = subprocess.Popen(
-            [binary, "-p", str(tmp_path), "-e", "stderr", "-c", str(config), "-g", "daemon off;"],
+            [
+                binary,
+                "-p",
+                str(tmp_path),
+                "-e",
+                "stderr",
+                "-c",
+                str(config),
+                "-g",
+                "daemon off;",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -137,7 +149,9 @@ def nginx(tmp_path: Path):
 
 
 async def _connect_as_client(port: int) -> RawClient:
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(CLIENT_ADDRESS, 0))
+    endpoint = TCP4ClientEndpoint(
+        reactor, "127.0.0.1", port, bindAddress=(CLIENT_ADDRESS, 0)
+    )
     return await connectProtocol(endpoint, RawClient())
 
 
@@ -173,7 +187,11 @@ async def test_http_through_nginx_sees_client_address(serve, nginx):
 @pytest_twisted.ensureDeferred
 async def test_untrusted_backend_peer_keeps_proxy_address(serve, nginx):
     """Without the proxy in the trusted list, remote_ip stays the address of nginx."""
-    port = nginx(await serve(Builder([(ProxyHeaders, {"trusted": ["10.0.0.0/8"]}), report_client])))
+    port = nginx(
+        await serve(
+            Builder([(ProxyHeaders, {"trusted": ["10.0.0.0/8"]}), report_client])
+        )
+    )
 
     client = await _connect_as_client(port)
     client.send(b"GET /page HTTP/1.1\r\nHost: example.org\r\nConnection: close\r\n\r\n")

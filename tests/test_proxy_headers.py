@@ -15,7 +15,6 @@ from zope.interface.verify import verifyObject
 
 from desperados import Conn, IPlug, IWebSock, Ok, Push, Text
 from desperados.plugs import ProxyHeaders
-
 from twisted.plugins.desperados_plugin import Options, service_maker
 
 
@@ -54,7 +53,10 @@ def test_x_forwarded_from_untrusted_peer_is_ignored():
     conn = _run(
         _conn(
             remote_ip="192.0.2.1",
-            headers=[("x-forwarded-for", "203.0.113.9"), ("x-forwarded-proto", "https")],
+            headers=[
+                ("x-forwarded-for", "203.0.113.9"),
+                ("x-forwarded-proto", "https"),
+            ],
         )
     )
 
@@ -83,7 +85,8 @@ def test_forwarded_header():
             headers=[
                 (
                     "forwarded",
-                    'for="[2001:db8:cafe::17]:4711";proto=https;host="example.org:8443", '
+                    'for="[2001:db8:cafe::17]:4711";proto=https;'
+                    'host="example.org:8443", '
                     "for=10.0.0.2;proto=http;host=inner",
                 )
             ]
@@ -147,14 +150,25 @@ def test_obfuscated_forwarded_node_keeps_peer_address():
 
 
 def test_unknown_proto_is_ignored():
-    conn = _run(_conn(headers=[("x-forwarded-for", "198.51.100.1"), ("x-forwarded-proto", "gopher")]))
+    conn = _run(
+        _conn(
+            headers=[
+                ("x-forwarded-for", "198.51.100.1"),
+                ("x-forwarded-proto", "gopher"),
+            ]
+        )
+    )
 
     assert conn.scheme == "http"
     assert conn.port == 8082
 
 
 def test_ipv4_mapped_peer_is_trusted():
-    conn = _run(_conn(remote_ip="::ffff:10.0.0.1", headers=[("x-forwarded-for", "198.51.100.1")]))
+    conn = _run(
+        _conn(
+            remote_ip="::ffff:10.0.0.1", headers=[("x-forwarded-for", "198.51.100.1")]
+        )
+    )
 
     assert conn.remote_ip == "198.51.100.1"
 
@@ -208,7 +222,9 @@ class ReportAddress:
 
 def report_client(conn, opts):
     """
-    Send the client fields of the Conn as JSON, in a response or a first WebSocket message.
+    Send the client fields of the Conn as JSON.
+
+    HTTP requests get them as the response, upgrades as the first message.
     """
     seen = json.dumps(
         {"remote_ip": conn.remote_ip, "scheme": conn.scheme, "host": conn.host}
@@ -223,7 +239,12 @@ def report_client(conn, opts):
 async def test_haproxy_endpoint_gives_proxied_address():
     options = Options()
     options.parseOptions(
-        ["--listen", "haproxy:tcp:0:interface=127.0.0.1", "--plug", "test_proxy_headers.report_client"]
+        [
+            "--listen",
+            "haproxy:tcp:0:interface=127.0.0.1",
+            "--plug",
+            "test_proxy_headers.report_client",
+        ]
     )
     service = service_maker.makeService(options, reactor=reactor)
     service.startService()
@@ -239,7 +260,9 @@ async def test_haproxy_endpoint_gives_proxied_address():
         await client.wait_closed()
 
         websocket = await connect(port)
-        websocket.send(b"PROXY TCP4 198.51.100.8 127.0.0.1 40001 8082\r\n" + upgrade_request("/"))
+        websocket.send(
+            b"PROXY TCP4 198.51.100.8 127.0.0.1 40001 8082\r\n" + upgrade_request("/")
+        )
         upgraded = await websocket.read_response()
         first = await websocket.read_frame()
         websocket.transport.loseConnection()

@@ -10,16 +10,24 @@ import time
 from pathlib import Path
 
 import pytest
-from subprocesses import TWISTD, child_env, free_port, get, read_events, stop, wait_for_event
+from subprocesses import (
+    TWISTD,
+    child_env,
+    free_port,
+    get,
+    read_events,
+    stop,
+    wait_for_event,
+)
 
 from desperados.reload import source_paths
 
 START_TIMEOUT = 60
 
-APP = '''
+APP = """
 def version(conn, opts):
     return conn.send_resp(200, "{version}").halt()
-'''
+"""
 
 
 def _write_app(path: Path, version: int, mtime: float) -> None:
@@ -69,7 +77,11 @@ def test_changed_plug_module_restarts_worker(tmp_path: Path):
     assert before == (200, b"1")
     assert reloads[0]["path"] == str(module.resolve())
     assert after == (200, b"2")
-    starts = [e for e in read_events(log) if e.get("log_format") == "started worker {index} as pid {pid}"]
+    starts = [
+        e
+        for e in read_events(log)
+        if e.get("log_format") == "started worker {index} as pid {pid}"
+    ]
     assert len(starts) == 2
 
 

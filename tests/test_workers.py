@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from subprocesses import TWISTD, child_env, free_port, get, read_events, stop, wait_for_event
+from subprocesses import (
+    TWISTD,
+    child_env,
+    free_port,
+    get,
+    read_events,
+    stop,
+    wait_for_event,
+)
 
 # Starting Python with Twisted and Autobahn takes seconds on a busy machine.
 START_TIMEOUT = 60
@@ -66,7 +74,9 @@ def _pid_while_another_worker_blocks(port: int) -> tuple[int, int]:
     Send C{/block} and, while that worker sleeps, C{/pid}; return both pids.
     """
     blocked: list[int] = []
-    thread = threading.Thread(target=lambda: blocked.append(int(get(port, "/block")[1])))
+    thread = threading.Thread(
+        target=lambda: blocked.append(int(get(port, "/block")[1]))
+    )
     thread.start()
     # Give the first request time to reach a worker; it blocks there 0.3 s.
     time.sleep(0.1)
@@ -115,7 +125,11 @@ def test_workers_share_port_and_survive_kill(workers):
     assert killed not in served_meanwhile
     assert len(pids[0]) == 2
     assert pids[1] == first_pids[1]
-    stopped = [e for e in read_events(log) if "stopping {count} workers" in e.get("log_format", "")]
+    stopped = [
+        e
+        for e in read_events(log)
+        if "stopping {count} workers" in e.get("log_format", "")
+    ]
     assert stopped[0]["count"] == 2
     assert returncode == -signal.SIGTERM
 
@@ -140,7 +154,9 @@ def test_sighup_replaces_workers_without_failed_request(workers):
     try:
         os.kill(process.pid, signal.SIGHUP)
         wait_for_event(log, "all workers replaced", timeout=START_TIMEOUT)
-        wait_for_event(log, "worker {index} (pid {pid}) stopped", count=2, timeout=START_TIMEOUT)
+        wait_for_event(
+            log, "worker {index} (pid {pid}) stopped", count=2, timeout=START_TIMEOUT
+        )
         after_replacement = len(results)
         while len(results) < after_replacement + 20 and client.is_alive():
             time.sleep(0.05)
@@ -156,14 +172,17 @@ def test_sighup_replaces_workers_without_failed_request(workers):
     assert new_pids.isdisjoint(old_pids)
     assert set(results[after_replacement:]) <= new_pids
     stopped = {
-        e["pid"] for e in read_events(log) if "(pid {pid}) stopped" in e.get("log_format", "")
+        e["pid"]
+        for e in read_events(log)
+        if "(pid {pid}) stopped" in e.get("log_format", "")
     }
     assert old_pids <= stopped
 
 
 def test_workers_option_is_checked():
-    from twisted.plugins.desperados_plugin import Options
     from twisted.python.usage import UsageError
+
+    from twisted.plugins.desperados_plugin import Options
 
     for value in ("0", "-1", "many"):
         with pytest.raises(UsageError, match="--workers"):
@@ -194,7 +213,12 @@ def test_metrics_add_up_over_workers(workers):
     }
     assert status == 200
     assert len(seen) == 2
-    assert samples[("desperados_http_requests_total", (("method", "GET"), ("status", "200")))] == 10
+    assert (
+        samples[
+            ("desperados_http_requests_total", (("method", "GET"), ("status", "200")))
+        ]
+        == 10
+    )
 
 
 def test_crashing_worker_restarts_with_growing_delay(workers):
@@ -202,7 +226,9 @@ def test_crashing_worker_restarts_with_growing_delay(workers):
     wait_for_event(log, "exited unexpectedly", count=4, timeout=2 * START_TIMEOUT)
     stop(process)
 
-    exits = [e for e in read_events(log) if "exited unexpectedly" in e.get("log_format", "")]
+    exits = [
+        e for e in read_events(log) if "exited unexpectedly" in e.get("log_format", "")
+    ]
     first_worker = [event for event in exits if event["index"] == 0]
     assert [event["delay"] for event in first_worker[:2]] == pytest.approx([0.1, 0.2])
     assert exits[0]["status"] == "exit code 1"
@@ -224,7 +250,9 @@ def test_workers_serve_tls_behind_proxy_protocol(workers, tls_files):
     with socket.create_connection(("127.0.0.1", listen_port), timeout=30) as raw:
         raw.sendall(b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 443\r\n")
         with context.wrap_socket(raw) as secure:
-            secure.sendall(b"GET /client HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            secure.sendall(
+                b"GET /client HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
             response = b""
             while chunk := secure.recv(65536):
                 response += chunk

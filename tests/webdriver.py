@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from subprocesses import free_port
 
 # The flags a headless browser needs in a container, without network
@@ -39,7 +38,9 @@ def find_chromium() -> tuple[str, str]:
     chromium = shutil.which("chromium")
     driver = shutil.which("chromedriver")
     if chromium is None or driver is None:
-        reason = "chromium and chromium-driver are not installed (scripts/install-test-deps)"
+        reason = (
+            "chromium and chromium-driver are not installed (scripts/install-test-deps)"
+        )
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
@@ -67,7 +68,9 @@ class Browser:
                 "args": [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"],
             },
         }
-        session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": capabilities}})
+        session = self._call(
+            "POST", "/session", {"capabilities": {"alwaysMatch": capabilities}}
+        )
         self.session = session["sessionId"]
 
     def _wait_ready(self) -> None:
@@ -106,7 +109,9 @@ class Browser:
         Run C{script} (a function body) in the page and return its value.
         """
         return self._call(
-            "POST", f"/session/{self.session}/execute/sync", {"script": script, "args": []}
+            "POST",
+            f"/session/{self.session}/execute/sync",
+            {"script": script, "args": []},
         )
 
     def close(self) -> None:

@@ -87,7 +87,9 @@ class _Collector:
             if method not in _METHODS:
                 method = "other"
             status = fields["status"]
-            self.requests.labels(method, "none" if status is None else str(status)).inc()
+            self.requests.labels(
+                method, "none" if status is None else str(status)
+            ).inc()
             self.duration.labels(method).observe(fields["duration"])
         elif event == "http.connection.open":
             self.connections.inc()
@@ -149,7 +151,10 @@ class Metrics:
         registry = options.pop("registry", None)
         buckets = options.pop("buckets", None)
         if options:
-            msg = f"expected only path, registry and buckets for Metrics, got {sorted(options)!r}"
+            msg = (
+                "expected only path, registry and buckets for Metrics, "
+                f"got {sorted(options)!r}"
+            )
             raise TypeError(msg)
         if not isinstance(path, str) or not path.startswith("/"):
             msg = f"expected a path starting with '/' for Metrics, got {path!r}"
@@ -158,7 +163,10 @@ class Metrics:
         try:
             from prometheus_client import CollectorRegistry
         except ImportError:
-            msg = "the Metrics plug needs prometheus_client: pip install 'desperados[metrics]'"
+            msg = (
+                "the Metrics plug needs prometheus_client: "
+                "pip install 'desperados[metrics]'"
+            )
             raise ImportError(msg) from None
         if registry is None:
             registry = CollectorRegistry()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from typing import Union
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -16,7 +15,7 @@ from desperados._logging import observer as log_observer
 from desperados.conn import Conn
 from desperados.interfaces import IPlug
 
-_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # RFC 7230 section 3.2.6: token and quoted-string, the two forms of a value
 # in the Forwarded header (RFC 7239 section 4).
@@ -45,7 +44,9 @@ class _Hop:
 class _Options:
     __slots__ = ("headers", "networks", "unix")
 
-    def __init__(self, networks: tuple[_Network, ...], unix: bool, headers: tuple[str, ...]):
+    def __init__(
+        self, networks: tuple[_Network, ...], unix: bool, headers: tuple[str, ...]
+    ):
         self.networks = networks
         self.unix = unix
         self.headers = headers
@@ -85,7 +86,10 @@ class ProxyHeaders:
         trusted = options.pop("trusted", None)
         headers = options.pop("headers", _HEADER_SETS)
         if options:
-            msg = f"expected only trusted and headers for ProxyHeaders, got {sorted(options)!r}"
+            msg = (
+                "expected only trusted and headers for ProxyHeaders, "
+                f"got {sorted(options)!r}"
+            )
             raise TypeError(msg)
         if isinstance(trusted, str) or not isinstance(trusted, Iterable):
             msg = f"expected a list of trusted proxy addresses, got {trusted!r}"
@@ -103,7 +107,10 @@ class ProxyHeaders:
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except (TypeError, ValueError):
-                msg = f"expected an IP address or CIDR network as trusted proxy, got {entry!r}"
+                msg = (
+                    "expected an IP address or CIDR network as trusted proxy, "
+                    f"got {entry!r}"
+                )
                 raise ValueError(msg) from None
         header_sets = tuple(headers)
         for name in header_sets:
@@ -116,7 +123,11 @@ class ProxyHeaders:
         if not _is_trusted(conn.remote_ip, state):
             return conn
         for name in state.headers:
-            hops = _forwarded_hops(conn) if name == "forwarded" else _x_forwarded_hops(conn)
+            hops = (
+                _forwarded_hops(conn)
+                if name == "forwarded"
+                else _x_forwarded_hops(conn)
+            )
             if hops:
                 _apply(conn, _client_hop(hops, state), state)
                 break
@@ -182,7 +193,9 @@ def _forwarded_hops(conn: Conn) -> list[_Hop]:
     for value in values:
         parsed = _parse_forwarded(value)
         if parsed is None:
-            ProxyHeaders.log.debug("ignoring a malformed Forwarded header: {value!r}", value=value)
+            ProxyHeaders.log.debug(
+                "ignoring a malformed Forwarded header: {value!r}", value=value
+            )
             return []
         hops.extend(parsed)
     return hops
@@ -254,7 +267,7 @@ def _x_forwarded_hops(conn: Conn) -> list[_Hop]:
     # hop; most set a single value, which belongs to the nearest hop's client.
     for values, field in ((protos, "proto"), (hosts, "host")):
         if len(values) == len(hops):
-            for hop, value in zip(hops, values):
+            for hop, value in zip(hops, values, strict=True):
                 setattr(hop, field, value)
         elif values:
             for hop in hops:
@@ -263,7 +276,9 @@ def _x_forwarded_hops(conn: Conn) -> list[_Hop]:
 
 
 def _comma_list(values: list[str]) -> list[str]:
-    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+    return [
+        item.strip() for value in values for item in value.split(",") if item.strip()
+    ]
 
 
 def _split_host(host: str) -> tuple[str, int | None]:
