@@ -1016,3 +1016,20 @@ def test_deadline_after_response_started_only_closes():
 
     assert transport.value() == b""
     assert transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_error_after_valid_request(serve, logs):
+    """
+    A valid request keeps its response when the next one in the same
+    packet is malformed; the connection closes after the 400.
+    """
+    response, client = await request_once(serve, GET + _request(HOST, b"X-A : 1"))
+    rejected = await bounded(client.read_response())
+    await bounded(client.wait_closed())
+
+    assert response.status == 404
+    assert rejected.status == 400
+    assert rejected.header("connection") == "close"
+    assert client.buffer == b""
+    assert rejection_reason(logs) == "whitespace before the colon in a header field"
