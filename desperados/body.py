@@ -11,7 +11,12 @@ from typing import Any, NamedTuple
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.python.failure import Failure
 
-from desperados.errors import BodyTooLargeError, DesperadosError, RequestTimeoutError
+from desperados.errors import (
+    AlreadySentError,
+    BodyTooLargeError,
+    DesperadosError,
+    RequestTimeoutError,
+)
 
 DEFAULT_READ_LENGTH = 8_000_000
 """Default maximum number of bytes one C{read_body} call returns, as in Plug."""
@@ -62,6 +67,7 @@ class RequestBody:
         self.received = 0
         self.complete = expected_length == 0
         self.error: DesperadosError | None = None
+        self.discarded = False
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._pause = pause
@@ -148,6 +154,7 @@ class RequestBody:
         """
         self._chunks.clear()
         self._buffered = 0
+        self.discarded = True
         if self._paused and self.error is None:
             self._paused = False
             self._resume()
@@ -176,6 +183,9 @@ class RequestBody:
             raise ValueError(msg)
         if self.error is not None:
             return fail(self.error)
+        if self.discarded:
+            msg = "cannot read the request body: the response is complete, so the rest was skipped"
+            return fail(AlreadySentError(msg))
         if self._chunks or self.complete:
             return succeed(self._take(length))
 
