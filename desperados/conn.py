@@ -466,7 +466,8 @@ class Conn:
             L{desperados.errors.RequestTimeoutError} (408) when nothing
             arrived within C{timeout}, or
             L{desperados.errors.ClientDisconnectedError} when the client went
-            away.  Left uncaught, the HTTP bridge answers the first two with
+            away, or L{AlreadySentError} when the response is complete and
+            the rest of the body was skipped.  Left uncaught, the HTTP bridge answers the first two with
             their status and closes the connection.
         :raises ValueError: for a C{length} below 1, or while another
             C{read_body} is still waiting.
