@@ -35,7 +35,7 @@ log = Logger(namespace="desperados.workers", observer=log_observer)
 # fails at import does not make the main process spin.
 FIRST_RESTART_DELAY = 0.1
 MAX_RESTART_DELAY = 30.0
-# A worker that ran this long before it died starts over at the first delay.
+# A worker that served this long before it died starts over at the first delay.
 STABLE_AFTER = 10.0
 
 DEFAULT_STOP_TIMEOUT = 30.0
@@ -92,6 +92,7 @@ class _Worker(ProcessProtocol):
         self.index = index
         self.pid: int | None = None
         self.started_at = pool.reactor.seconds()
+        self.ready_at: float | None = None
         self.is_ready = False
         self.retiring = False
         self.ready: Deferred[None] = Deferred()
@@ -106,6 +107,7 @@ class _Worker(ProcessProtocol):
             self._forward_log_events(data)
         elif childFD == _CONTROL_FD and b"ready" in data and not self.is_ready:
             self.is_ready = True
+            self.ready_at = self.pool.reactor.seconds()
             self.ready.callback(None)
 
     def _forward_log_events(self, data: bytes) -> None:
@@ -276,8 +278,12 @@ class WorkerPool(Service):
         if self.workers.get(worker.index) is not worker:
             return
 
-        lived = self.reactor.seconds() - worker.started_at
-        failures = 0 if lived >= STABLE_AFTER else self._failures.get(worker.index, 0)
+        now = self.reactor.seconds()
+        lived = now - worker.started_at
+        # A worker that never became ready failed however long its start took,
+        # which on a busy machine can be longer than STABLE_AFTER.
+        stable = worker.ready_at is not None and now - worker.ready_at >= STABLE_AFTER
+        failures = 0 if stable else self._failures.get(worker.index, 0)
         delay = min(FIRST_RESTART_DELAY * 2**failures, MAX_RESTART_DELAY)
         self._failures[worker.index] = failures + 1
         log.error(
