@@ -8,7 +8,12 @@ import sys
 from typing import IO, Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
+
+from desperados._logging import observer as log_observer
+
+log = Logger(namespace="desperados.access_log", observer=log_observer)
 
 # nginx's status for a request whose client closed the connection before
 # any response was sent; no response status exists for it.
@@ -67,13 +72,24 @@ class AccessLog:
         """
         Write the line for C{request}, opening the destination if needed.
 
+        A failed write (a full disk, a file removed) is logged and the line
+        dropped: the response must not fail because of its log line.
+
         :param status: the status to log instead of the request's own.
         """
-        self.open()
-        assert self._file is not None
-        self._file.write(format_line(request, self.clock.seconds(), status) + "\n")
-        if self._file is sys.stdout:
-            self._file.flush()
+        line = format_line(request, self.clock.seconds(), status) + "\n"
+        try:
+            self.open()
+            assert self._file is not None
+            self._file.write(line)
+            if self._file is sys.stdout:
+                self._file.flush()
+        except OSError as error:
+            log.error(
+                "cannot write to the access log {destination}: {error}",
+                destination=self.destination,
+                error=str(error),
+            )
 
 
 def format_line(request: Any, now: float, status: int | None = None) -> str:

@@ -94,9 +94,11 @@ class DesperadosSite(Site):
         self._abort_requested = False
         self.http_options = options
         self.max_body_size = max_body_size
-        self.access_log = (
-            None if access_log is None else AccessLog(access_log, self.reactor)
-        )
+        self.access_log = None
+        if access_log is not None:
+            self.access_log = AccessLog(access_log, self.reactor)
+            # Open now, so that a path that cannot be written fails at start.
+            self.access_log.open()
         self.connection_limit = ConnectionLimit(
             options.max_connections, self.reactor, options.linger_timeout
         )

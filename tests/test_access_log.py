@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import pytest_twisted
 from http2_support import connect_h2
 from support import connect
@@ -188,3 +189,37 @@ async def test_proxied_client_address_is_logged(serve, tmp_path):
     client.transport.loseConnection()
 
     assert line["host"] == "203.0.113.7"
+
+
+def test_twistd_unwritable_access_log_is_usage_error(tmp_path):
+    from twisted.plugins.desperados_plugin import Options
+    from twisted.python.usage import UsageError
+
+    with pytest.raises(UsageError, match="--access-log"):
+        Options().parseOptions(["--access-log", str(tmp_path / "missing" / "access.log")])
+
+
+def test_failed_write_is_logged_not_raised(tmp_path, logs):
+    from desperados.access_log import AccessLog
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    access_log = AccessLog(str(tmp_path / "access.log"), reactor)
+    access_log._file = FullDisk()
+
+    class Request:
+        method, uri, clientproto = b"GET", b"/", b"HTTP/1.1"
+        code, sentLength, startedWriting, finished = 200, 5, True, True
+
+        def getClientAddress(self):
+            return None
+
+        def getHeader(self, name):
+            return None
+
+    access_log.write(Request())
+
+    [error] = logs.with_format("cannot write to the access log")
+    assert "No space left" in error["error"]

@@ -197,6 +197,7 @@ class Options(usage.Options):
             "--response-timeout", self["response-timeout"]
         )
         self["max-body-size"] = _parse_size("--max-body-size", self["max-body-size"])
+        _check_access_log(self["access-log"])
         startup = self["startup-log"]
         if startup != "false" and startup not in _LOG_LEVELS:
             msg = f"--startup-log must be 'false' or one of {', '.join(_LOG_LEVELS)}, got {startup!r}"
@@ -312,6 +313,17 @@ def _parse_timeout(
         msg = f"{option} must be {expected}, got {text!r}"
         raise usage.UsageError(msg)
     return seconds
+
+
+def _check_access_log(path: str | None) -> None:
+    if path is None or path == "-":
+        return
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        msg = f"--access-log: cannot open {path!r} for appending: {error.strerror}"
+        raise usage.UsageError(msg) from None
 
 
 def _parse_size(option: str, text: str | int | None) -> int | None:
