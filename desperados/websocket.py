@@ -97,6 +97,7 @@ class HandlerProtocol(WebSocketServerProtocol):
         self._queue: deque[tuple[str, object]] = deque()
         self._close_reason: CloseReason | None = None
         self._close_frame_received = False
+        self._close_sent_in_read = False
         self._idle_call: Any = None
         self._last_received = 0.0
         self.handle = WebSocketHandle(self._deliver_info)
@@ -107,7 +108,25 @@ class HandlerProtocol(WebSocketServerProtocol):
         # Autobahn's own dataReceived formats a debug message on every read;
         # skip it and record activity for the idle timeout instead.
         self._last_received = self.bridge.reactor.seconds()
+        self._close_sent_in_read = False
         self._dataReceived(data)
+
+    def sendCloseFrame(
+        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+    ) -> None:
+        self._close_sent_in_read = True
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        # Autobahn 26.11 answers an invalid Close frame (a one-byte payload,
+        # a reserved code, a reason that is not UTF-8) with a Close frame of
+        # its own (1002 or 1007), then takes the invalid frame as the reply
+        # and aborts TCP: the reset discards the Close frame that is still in
+        # the write buffer.  A Close frame sent during this read goes out
+        # first, with a plain close.
+        if abort and self._close_sent_in_read:
+            abort = False
+        super().dropConnection(abort)
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -1048,3 +1048,28 @@ async def test_client_gone_before_slow_upgrade(serve, logs):
     assert handler.calls == []
     assert handler.terminations == []
     assert [event for event in logs.events if event.get("log_failure")] == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"\x03", 1002),
+        (struct.pack("!H", 999), 1002),
+        (struct.pack("!H", 1005), 1002),
+        (struct.pack("!H", 5000), 1002),
+        (struct.pack("!H", 1000) + b"\xff", 1007),
+    ],
+    ids=["one_byte", "code_999", "code_1005", "code_5000", "reason_not_utf8"],
+)
+@pytest_twisted.ensureDeferred
+async def test_invalid_close_frame_gets_close_code(websocket_server, payload, code):
+    server = await websocket_server(Scripted())
+
+    client = await server.open()
+    client.send_frame(CLOSE, payload)
+    opcode, reply = await client.read_frame()
+    await client.wait_closed()
+    reason = await ended(server)
+
+    assert (opcode, close_code(reply)) == (CLOSE, code)
+    assert (reason.kind, reason.code) == ("protocol", code)
