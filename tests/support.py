@@ -288,9 +288,11 @@ class LogCapture:
         return [event for event in self.events if fragment in (event.get("log_format") or "")]
 
 
-def start_twistd(*arguments: str, timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
+def start_twistd(
+    *arguments: str, timeout: float = 20.0, cwd: str | None = None
+) -> tuple[subprocess.Popen, str]:
     """
-    Start C{twistd -n desperados ARGUMENTS} and wait for its startup line.
+    Start C{twistd -n desperados ARGUMENTS} in C{cwd} and wait for its startup line.
 
     :returns: the process and the address from the startup line, such as
         C{127.0.0.1:40123}.
@@ -301,6 +303,7 @@ def start_twistd(*arguments: str, timeout: float = 20.0) -> tuple[subprocess.Pop
         [twistd, "--nodaemon", "--pidfile=", "desperados", *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        cwd=cwd,
     )
     deadline = time.monotonic() + timeout
     output = b""

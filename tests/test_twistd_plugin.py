@@ -115,6 +115,32 @@ async def test_twistd_serves_http_and_websocket():
 
 
 @pytest_twisted.ensureDeferred
+async def test_twistd_finds_plug_in_current_directory(tmp_path):
+    (tmp_path / "myapp.py").write_text(
+        textwrap.dedent(
+            """
+            def hello(conn, opts):
+                return conn.send_resp(200, "hello\\n").halt()
+            """
+        )
+    )
+    process, address = start_twistd(
+        "--port", "0", "--ip", "127.0.0.1", "--plug", "myapp.hello", cwd=str(tmp_path)
+    )
+    try:
+        port = int(address.rsplit(":", 1)[1])
+        client = await connect(port)
+        client.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        response = await client.read_response()
+        client.transport.loseConnection()
+    finally:
+        stop_process(process)
+
+    assert response.status == 200
+    assert response.body == b"hello\n"
+
+
+@pytest_twisted.ensureDeferred
 async def test_twistd_listens_on_unix_socket(tmp_path):
     from twisted.internet import reactor
 

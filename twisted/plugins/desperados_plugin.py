@@ -7,6 +7,7 @@ is imported only when the service is made.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -184,6 +185,12 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def postOptions(self) -> None:
+        # twistd does not put the current directory on sys.path, unlike
+        # "python -m", uvicorn, gunicorn and Daphne, so "--plug myapp.App"
+        # would not find the myapp.py that it is run next to.  Worker
+        # processes inherit the directory and parse the same options.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         if self["log-level"] not in _LOG_LEVELS:
             msg = f"--log-level must be one of {', '.join(_LOG_LEVELS)}, got {self['log-level']!r}"
             raise usage.UsageError(msg)
