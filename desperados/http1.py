@@ -115,6 +115,7 @@ _REQUEST_LINE_BYTES = bytes(range(0x21, 0x7F)) + b" "
 _FIELD_LINE_BYTES = b"\t " + bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 # RFC 9112 section 3.2 and RFC 3986 section 3.2.2: uri-host [ ":" port ].
 _HOST = re.compile(
     rb"(\[[0-9A-Za-z:.\-_~!$&'()*+,;=]+\]|[0-9A-Za-z.\-_~!$&'()*+,;=%]*)(:[0-9]*)?"
@@ -351,6 +352,15 @@ class DesperadosChannel(HTTPChannel):
             return
         self._parsing = ("body", b"")
         super().rawDataReceived(data)
+        # twisted.web's chunked decoder looks only for CRLF, so a chunk-size
+        # or trailer line that ends with a bare LF waits for the body timeout.
+        decoder = self._transferDecoder
+        if (
+            not self._rejected
+            and getattr(decoder, "state", None) in ("CHUNK_LENGTH", "TRAILER")
+            and _BARE_LF.search(decoder._buffer)
+        ):
+            self._reject(400, "bare LF in a chunked body")
 
     def allContentReceived(self) -> None:
         # twisted.web calls this right after allHeadersReceived, even when

@@ -586,6 +586,19 @@ MALFORMED = [
         _request(HOST, b"Transfer-Encoding: chunked", body=b"3\r\nabcdef\r\n0\r\n\r\n"),
         "malformed chunked body",
     ),
+    # RFC 9112 section 7.1: chunk-size and trailer lines end with CRLF too.
+    *[
+        (
+            f"bare_lf_{name}",
+            _request(HOST, b"Transfer-Encoding: chunked", body=body),
+            "bare LF in a chunked body",
+        )
+        for name, body in [
+            ("after_chunk_size", b"3\nabc\n0\n\n"),
+            ("after_last_chunk", b"3\r\nabc\r\n0\n\n"),
+            ("in_trailer", b"3\r\nabc\r\n0\r\nX-A: 1\n\n"),
+        ]
+    ],
     # RFC 9112 section 2.2: lines end with CRLF.
     (
         "bare_lf_in_field",
