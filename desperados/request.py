@@ -30,6 +30,21 @@ _HTTP11 = b"HTTP/1.1"
 _HTTP2 = b"HTTP/2"
 
 
+# Reason phrases of RFC 9110 (421, 422, 426), RFC 6585 (428, 429, 431, 511),
+# RFC 7725 (451) and RFC 8470 (425).
+_EXTRA_REASON_PHRASES = {
+    421: b"Misdirected Request",
+    422: b"Unprocessable Content",
+    425: b"Too Early",
+    426: b"Upgrade Required",
+    428: b"Precondition Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    451: b"Unavailable For Legal Reasons",
+    511: b"Network Authentication Required",
+}
+
+
 class StreamingRequest(Request):
     """
     A request whose body is read by the plugs instead of buffered up front.
@@ -54,6 +69,13 @@ class StreamingRequest(Request):
     body: RequestBody | None = None
     continue_expected = False
     dispatched = False
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        # twisted.web 26.10's RESPONSES table has no reason phrase for these
+        # codes and sends "Unknown Status" instead.
+        if message is None:
+            message = _EXTRA_REASON_PHRASES.get(code)
+        super().setResponseCode(code, message)
 
     def gotLength(self, length: int | None) -> None:
         # twisted.web would open a BytesIO or a temporary file here.

@@ -186,3 +186,31 @@ async def test_websocket_on_any_path(serve):
 
     assert response.status == 101
     assert frame == (TEXT, "héllo".encode())
+
+
+def _status_from_path(conn, opts):
+    return conn.send_resp(int(conn.path_info[0]), "").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_codes_get_their_reason_phrase(serve):
+    port = await serve(_status_from_path)
+    client = await connect(port)
+    reasons = {}
+    for status in (421, 422, 425, 426, 428, 429, 431, 451, 511):
+        client.send(b"GET /%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % status)
+        response = await client.read_response()
+        reasons[response.status] = response.reason
+    client.transport.loseConnection()
+
+    assert reasons == {
+        421: "Misdirected Request",
+        422: "Unprocessable Content",
+        425: "Too Early",
+        426: "Upgrade Required",
+        428: "Precondition Required",
+        429: "Too Many Requests",
+        431: "Request Header Fields Too Large",
+        451: "Unavailable For Legal Reasons",
+        511: "Network Authentication Required",
+    }
