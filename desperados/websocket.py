@@ -16,6 +16,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
+    PERMESSAGE_COMPRESSION_EXTENSION,
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
@@ -176,6 +177,21 @@ class HandlerProtocol(WebSocketServerProtocol):
         if not self.failedByMe:
             self._onMessage(b"".join(self.message_data), self.message_is_binary)
         self.message_data = None
+
+    def _parseExtensionsHeader(
+        self, header: str, removeQuotes: bool = True
+    ) -> list[tuple[str, dict[str, list[object]]]]:
+        # Autobahn 26.11 fails the handshake (a bare 400 with the error as
+        # its reason phrase) when a permessage-deflate offer has an unknown
+        # parameter or an invalid value.  RFC 7692 section 5 has the server
+        # decline such an offer instead: leave it out, so that the next
+        # offer, or no compression, is used.
+        extensions = super()._parseExtensionsHeader(header, removeQuotes)
+        return [
+            (name, params)
+            for name, params in extensions
+            if _is_valid_offer(name, params)
+        ]
 
     def onConnect(self, request: Any) -> tuple[str | None, dict[str, str]]:
         # Autobahn sends the Sec-WebSocket-Protocol header for the returned
@@ -682,6 +698,18 @@ class _WholeMessageUtf8Validator:
             else:
                 return True, True, len(payload), len(payload)
         return self._incremental.validate(payload)
+
+
+def _is_valid_offer(name: str, params: dict[str, list[object]]) -> bool:
+    extension = PERMESSAGE_COMPRESSION_EXTENSION.get(name)
+    if extension is None:
+        return True
+    try:
+        extension["Offer"].parse(params)
+    except Exception:
+        # Autobahn raises a bare Exception for invalid parameters.
+        return False
+    return True
 
 
 def _has_handle_control(handler: object) -> bool:

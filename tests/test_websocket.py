@@ -1073,3 +1073,34 @@ async def test_invalid_close_frame_gets_close_code(websocket_server, payload, co
 
     assert (opcode, close_code(reply)) == (CLOSE, code)
     assert (reason.kind, reason.code) == ("protocol", code)
+
+
+@pytest.mark.parametrize(
+    ("offers", "accepted"),
+    [
+        ("permessage-deflate; server_max_window_bits=7", None),
+        ("permessage-deflate; x-unknown=1", None),
+        (
+            "permessage-deflate; client_max_window_bits=99, permessage-deflate",
+            "permessage-deflate",
+        ),
+    ],
+    ids=["invalid_value", "unknown_parameter", "invalid_then_valid"],
+)
+@pytest_twisted.ensureDeferred
+async def test_invalid_deflate_offer_is_declined(websocket_server, offers, accepted):
+    """
+    RFC 7692 section 5: the server declines an offer it cannot accept.
+    """
+    server = await websocket_server(Scripted())
+
+    client = await connect(server.port)
+    client.send(
+        upgrade_request("/socket", extra=f"Sec-WebSocket-Extensions: {offers}\r\n")
+    )
+    response = await client.read_response()
+    await close_cleanly(client)
+    await ended(server)
+
+    assert response.status == 101
+    assert response.header("sec-websocket-extensions") == accepted
