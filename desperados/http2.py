@@ -13,6 +13,7 @@ from typing import Any
 import h2.errors
 import h2.exceptions
 from h2.connection import ConnectionState
+from h2.frame_buffer import FrameBuffer
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from twisted.logger import Logger
@@ -47,11 +48,24 @@ class _FieldBlockDecoder(Decoder):
             raise FieldBlockDecodingError(msg) from error
 
 
+class _FrameBuffer(FrameBuffer):
+    # RFC 9113 section 4.2: a frame longer than SETTINGS_MAX_FRAME_SIZE is a
+    # FRAME_SIZE_ERROR.  h2 4.4 checks the length only once the whole frame
+    # has arrived, so a header announcing 16 MiB kept the connection
+    # buffering until the idle timeout.  Check it as soon as the header is in.
+    def __next__(self) -> Any:
+        if len(self._data) >= 9:
+            self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
+        return super().__next__()
+
+
 class H2Connection(_TwistedH2Connection):
     """
     twisted.web's HTTP/2 connection, corrected where it breaks RFC 9113.
 
     - HPACK decoding errors close the connection with COMPRESSION_ERROR.
+    - A frame header announcing more than SETTINGS_MAX_FRAME_SIZE closes
+      the connection with FRAME_SIZE_ERROR before the payload arrives.
     - After a connection error, GOAWAY goes out and the connection closes,
       over TLS too.
     - A stream whose send window is zero or negative, after DATA or after a
@@ -72,6 +86,7 @@ class H2Connection(_TwistedH2Connection):
         decoder = _FieldBlockDecoder()
         decoder.max_header_list_size = self.conn.decoder.max_header_list_size
         self.conn.decoder = decoder
+        self.conn.incoming_buffer = _FrameBuffer(server=True)
 
     # Connection errors
 

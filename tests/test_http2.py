@@ -146,6 +146,18 @@ async def test_http11_starting_like_preface_stays_http11(serve):
 
 # Connection errors: GOAWAY with the RFC 9113 error code, then close.
 
+class _HeaderOnly:
+    """
+    The 9-byte header of a frame, sent without the payload it announces.
+    """
+
+    def __init__(self, frame: object) -> None:
+        self.frame = frame
+
+    def serialize(self) -> bytes:
+        return self.frame.serialize()[:9]
+
+
 CONNECTION_ERRORS = {
     # A client opens odd-numbered streams only (RFC 9113 section 5.1.1).
     "even stream id": (
@@ -165,6 +177,11 @@ CONNECTION_ERRORS = {
     # Section 4.2: a frame larger than SETTINGS_MAX_FRAME_SIZE (16,384).
     "frame too large": (
         DataFrame(1, data=b"x" * 20000),
+        ErrorCodes.FRAME_SIZE_ERROR,
+    ),
+    # The length in the frame header is enough to tell, before the payload.
+    "frame header too large": (
+        _HeaderOnly(DataFrame(1, data=b"x" * 20000)),
         ErrorCodes.FRAME_SIZE_ERROR,
     ),
 }
