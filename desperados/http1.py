@@ -439,7 +439,7 @@ class DesperadosChannel(HTTPChannel):
             return
         log.info(
             "rejected a request from {peer} with {status}: {reason}",
-            peer=str(self.transport.getPeer()),
+            peer=_peer_address(self.transport),
             status=status,
             reason=reason,
         )
@@ -516,7 +516,7 @@ class DesperadosChannel(HTTPChannel):
         if kind is _IDLE:
             log.debug(
                 "closing idle connection from {peer}",
-                peer=str(self.transport.getPeer()),
+                peer=_peer_address(self.transport),
             )
             # NOTE: the idle time counts from the end of the last response as
             # queued, not as sent: a client still reading a large response
@@ -527,6 +527,18 @@ class DesperadosChannel(HTTPChannel):
             self._reject(408, "timed out reading the request head")
         else:
             self._reject(408, "timed out reading the request body")
+
+
+def _peer_address(transport: Any) -> str:
+    """
+    Format the client's address as C{host:port}, or as Twisted does when
+    it has no port (a UNIX socket).
+    """
+    peer = transport.getPeer()
+    port = getattr(peer, "port", None)
+    if port is None:
+        return str(peer)
+    return f"{peer.host}:{port}"
 
 
 def _check_head(headers: Any, version: bytes) -> str | None:

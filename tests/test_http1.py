@@ -105,6 +105,18 @@ async def test_request_line_too_long_gets_414(serve, logs):
 
 
 @pytest_twisted.ensureDeferred
+async def test_rejection_log_names_peer_address(serve, logs):
+    port = await serve(_READ_BODY_THEN_DEFAULT)
+    client = await connect(port)
+    local = client.transport.getHost()
+    client.send(b"GET / HTTP/1.1\r\n\r\n")
+    await bounded(client.wait_closed())
+
+    (event,) = logs.with_format(REJECTED)
+    assert event["peer"] == f"127.0.0.1:{local.port}"
+
+
+@pytest_twisted.ensureDeferred
 async def test_request_line_without_end_gets_414(serve, logs):
     """
     A request line longer than every limit and still unfinished gets 414.
