@@ -118,6 +118,18 @@ class HandlerProtocol(WebSocketServerProtocol):
         self._close_sent_in_read = True
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
 
+    def _fail_connection(
+        self, code: int = WebSocketServerProtocol.CLOSE_STATUS_CODE_GOING_AWAY,
+        reason: str = "going away",
+    ) -> None:
+        # Autobahn 26.11 reads on after it fails a connection, so one bad
+        # message can fail it again (invalid UTF-8, then a message that ends
+        # inside a code point).  The second failure logs another warning and
+        # drops TCP before the peer's Close frame arrives.  Keep the first.
+        if self.failedByMe and self.state == self.STATE_CLOSING:
+            return
+        super()._fail_connection(code, reason)
+
     def dropConnection(self, abort: bool = False) -> None:
         # Autobahn 26.11 answers an invalid Close frame (a one-byte payload,
         # a reserved code, a reason that is not UTF-8) with a Close frame of

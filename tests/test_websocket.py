@@ -555,7 +555,7 @@ async def test_message_over_max_message_size_closes_with_1009(websocket_server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_invalid_utf8_closes_with_1007(websocket_server):
+async def test_invalid_utf8_closes_with_1007(websocket_server, logs):
     handler = Scripted(handle_in=lambda frame, state: Push(Text(frame[0]), state))
     server = await websocket_server(handler)
 
@@ -571,6 +571,9 @@ async def test_invalid_utf8_closes_with_1007(websocket_server):
     assert echo == (TEXT, b"fine")
     assert (opcode, close_code(payload)) == (CLOSE, 1007)
     assert (reason.kind, reason.code) == ("protocol", 1007)
+    # One failure: the server waited for the client's Close frame.
+    assert len(logs.with_format("failing WebSocket connection")) == 1
+    assert logs.with_format("dropping connection to peer") == []
 
 
 @pytest_twisted.ensureDeferred
