@@ -119,6 +119,20 @@ class RequestBody:
             self._paused = True
             self._pause()
 
+    def expect_chunk(self, size: int) -> None:
+        """
+        Fail the body with 413 now if a chunk of C{size} bytes, announced by
+        its chunk-size line, would take it past C{max_size}.
+        """
+        if self.max_size is None or self.complete or self.error is not None:
+            return
+        if self.received + size > self.max_size:
+            msg = (
+                f"a chunk of {size} bytes would make the request body larger "
+                f"than the maximum of {self.max_size} bytes"
+            )
+            self.fail(BodyTooLargeError(msg))
+
     def finish(self) -> None:
         """
         Mark the body complete: the last chunk has been fed.

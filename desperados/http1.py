@@ -21,7 +21,12 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import (
+    HTTPChannel,
+    _ChunkedTransferDecoder,
+    _MalformedChunkedDataError,
+    datetimeToString,
+)
 
 from desperados._logging import observer as log_observer
 
@@ -114,6 +119,15 @@ _REQUEST_LINE_BYTES = bytes(range(0x21, 0x7F)) + b" "
 # LF and NUL that twisted.web already rejects, make the request invalid.
 _FIELD_LINE_BYTES = b"\t " + bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A request starts with a method, which is a token, or with the empty lines
+# that RFC 9112 section 2.2 lets a server ignore.
+_REQUEST_START_BYTES = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789"
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n"
+)
+# RFC 8446 section 5.1: a TLS record of content type 22 (handshake) starts
+# with this byte, so a TLS ClientHello does.
+_TLS_HANDSHAKE = 0x16
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 # RFC 9112 section 3.2 and RFC 3986 section 3.2.2: uri-host [ ":" port ].
@@ -126,6 +140,7 @@ _REASON_PHRASES = {
     400: b"Bad Request",
     408: b"Request Timeout",
     414: b"URI Too Long",
+    417: b"Expectation Failed",
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
@@ -225,7 +240,25 @@ class DesperadosChannel(HTTPChannel):
         # lets a server reject it.
         if self._busyReceiving or not self.line_mode or self._rejected:
             return
-        if b"\n" in self._buffer:
+        self._check_unfinished_line()
+
+    def _check_unfinished_line(self) -> None:
+        """
+        Reject the buffered start of a line that is already invalid.
+
+        Without this, a client whose first bytes cannot start a request, such
+        as a TLS ClientHello on a cleartext port, waits for the head
+        timeout and gets 408.
+        """
+        buffered = self._buffer
+        if not buffered:
+            return
+        if not self._in_head:
+            reason = _request_start_error(buffered[0])
+            if reason is not None:
+                self._reject(400, reason)
+                return
+        if b"\n" in buffered:
             self._reject(400, "bare LF in the request head")
 
     def lineReceived(self, line: bytes) -> None:
@@ -255,7 +288,10 @@ class DesperadosChannel(HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # LineReceiver closes the connection without a response.
-        if b"\n" in line[: self.MAX_LENGTH]:
+        start_error = None if self._in_head else _request_start_error(line[0])
+        if start_error is not None:
+            self._reject(400, start_error)
+        elif b"\n" in line[: self.MAX_LENGTH]:
             self._reject(400, "bare LF in the request head")
         elif self._in_head:
             self._reject(431, "header field too long")
@@ -267,6 +303,10 @@ class DesperadosChannel(HTTPChannel):
         Check a request line and return it in origin-form, or None if rejected.
         """
         self._target_authority = None
+        start_error = _request_start_error(line[0])
+        if start_error is not None:
+            self._reject(400, start_error)
+            return None
         if len(line) > self.options.max_request_line_length:
             self._reject(414, "request line too long")
             return None
@@ -340,6 +380,15 @@ class DesperadosChannel(HTTPChannel):
         if reason is not None:
             self._reject(400, reason)
             return
+        reason = _check_expect(request.requestHeaders)
+        if reason is not None:
+            self._reject(417, reason)
+            return
+        decoder = self._transferDecoder
+        if type(decoder) is _ChunkedTransferDecoder:
+            self._transferDecoder = _CheckedChunkedDecoder(
+                decoder.dataCallback, decoder.finishCallback, self._chunk_size_read
+            )
         if self._target_authority is not None:
             request.requestHeaders.setRawHeaders(b"host", [self._target_authority])
         if self.length != 0:
@@ -361,6 +410,12 @@ class DesperadosChannel(HTTPChannel):
             and _BARE_LF.search(decoder._buffer)
         ):
             self._reject(400, "bare LF in a chunked body")
+
+    def _chunk_size_read(self, size: int) -> None:
+        # StreamingRequest checks the size against the maximum body size.
+        check = getattr(self.requests[-1], "chunk_size_received", None)
+        if check is not None:
+            check(size)
 
     def allContentReceived(self) -> None:
         # twisted.web calls this right after allHeadersReceived, even when
@@ -404,6 +459,14 @@ class DesperadosChannel(HTTPChannel):
             )
             self._set_deadline(kind, timeout)
         super().requestDone(request)
+        # twisted.web parsed the pipelined bytes it had buffered.
+        if (
+            self.persistent
+            and self.line_mode
+            and not self._busyReceiving
+            and not self._rejected
+        ):
+            self._check_unfinished_line()
 
     def pause_body_timeout(self) -> None:
         """
@@ -427,7 +490,8 @@ class DesperadosChannel(HTTPChannel):
         # twisted.web calls this for every request it cannot parse, writes a
         # bare "400 Bad Request" without Content-Length or Connection, and
         # closes without reading what the client is still sending.
-        self._reject(400, _diagnose(self._parsing))
+        reason = getattr(self._transferDecoder, "error_reason", None)
+        self._reject(400, reason or _diagnose(self._parsing))
 
     def _reject(self, status: int, reason: str) -> None:
         """
@@ -539,6 +603,94 @@ def _peer_address(transport: Any) -> str:
     if port is None:
         return str(peer)
     return f"{peer.host}:{port}"
+
+
+def _request_start_error(first: int) -> str | None:
+    """
+    Say why a request cannot start with the byte C{first}, or return None.
+    """
+    if first in _REQUEST_START_BYTES:
+        return None
+    if first == _TLS_HANDSHAKE:
+        return (
+            "the request looks like a TLS handshake, "
+            "but this port serves cleartext HTTP"
+        )
+    return "invalid first byte of the request line"
+
+
+def _check_expect(headers: Any) -> str | None:
+    """
+    Check that every expectation in the Expect header is C{100-continue}.
+
+    RFC 9110 section 10.1.1 defines no other expectation and lets a server
+    respond to any other with 417.  An HTTP/1.0 client's C{100-continue} is
+    accepted here and ignored later, as that section requires.
+
+    :returns: why the request is rejected, or None.
+    """
+    for value in headers.getRawHeaders(b"expect", []):
+        for member in value.split(b","):
+            member = member.strip()
+            if member and member.lower() != b"100-continue":
+                return "unsupported Expect header, expected '100-continue'"
+    return None
+
+
+def _check_trailer_line(line: bytes) -> str | None:
+    """
+    Check a trailer field line of a chunked body, which RFC 9112 section
+    7.1.2 gives the syntax of a header field line.
+
+    :returns: why the line is invalid, or None.
+    """
+    name, colon, value = line.partition(b":")
+    if not colon:
+        return "trailer field without a colon"
+    if not _TOKEN.fullmatch(name):
+        return "invalid trailer field name"
+    if value.translate(None, _FIELD_LINE_BYTES):
+        return "invalid character in a trailer field"
+    return None
+
+
+class _CheckedChunkedDecoder(_ChunkedTransferDecoder):
+    """
+    twisted.web's chunked decoder, which also checks trailer field lines
+    and reports each chunk size as soon as its line is read.
+
+    twisted.web collects trailer lines without looking at them.
+
+    :ivar error_reason: why the body was found malformed, when this decoder
+        and not twisted.web's found it.
+    """
+
+    error_reason: str | None = None
+
+    def __init__(
+        self,
+        data_callback: Any,
+        finish_callback: Any,
+        chunk_size_callback: Any,
+    ) -> None:
+        super().__init__(data_callback, finish_callback)
+        self._chunk_size_callback = chunk_size_callback
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        done = super()._dataReceived_CHUNK_LENGTH()
+        if done and self.length:
+            self._chunk_size_callback(self.length)
+        return done
+
+    def _dataReceived_TRAILER(self) -> bool:
+        count = len(self._trailerHeaders)
+        more = super()._dataReceived_TRAILER()
+        if len(self._trailerHeaders) > count:
+            reason = _check_trailer_line(bytes(self._trailerHeaders[-1]))
+            if reason is not None:
+                self.error_reason = reason
+                raise _MalformedChunkedDataError(reason)
+        return more
 
 
 def _check_head(headers: Any, version: bytes) -> str | None:

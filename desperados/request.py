@@ -92,6 +92,14 @@ class StreamingRequest(Request):
             return
         self.body.feed(data)
 
+    def chunk_size_received(self, size: int) -> None:
+        """
+        Check the size of the next chunk of a chunked body against the
+        maximum body size before its bytes arrive.
+        """
+        if self.body is not None:
+            self.body.expect_chunk(size)
+
     def headReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """
         Run the pipeline now, before the body arrives.

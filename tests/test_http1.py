@@ -8,6 +8,7 @@ the tests wait for the server's response, never for a measured time.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -611,6 +612,35 @@ MALFORMED = [
             ("in_trailer", b"3\r\nabc\r\n0\r\nX-A: 1\n\n"),
         ]
     ],
+    # RFC 9112 section 7.1.2: trailer fields have the syntax of header fields.
+    (
+        "trailer_without_colon",
+        _request(HOST, b"Transfer-Encoding: chunked", body=b"0\r\nX-A 1\r\n\r\n"),
+        "trailer field without a colon",
+    ),
+    (
+        "trailer_name_not_token",
+        _request(HOST, b"Transfer-Encoding: chunked", body=b"0\r\nX A: 1\r\n\r\n"),
+        "invalid trailer field name",
+    ),
+    (
+        "trailer_value_with_control",
+        _request(
+            HOST, b"Transfer-Encoding: chunked", body=b"0\r\nX-A: a\x01b\r\n\r\n"
+        ),
+        "invalid character in a trailer field",
+    ),
+    # RFC 9112 section 3: a request line starts with a method, a token.
+    (
+        "nul_before_method",
+        b"\x00" + GET,
+        "invalid first byte of the request line",
+    ),
+    (
+        "space_before_method",
+        b" " + GET,
+        "invalid first byte of the request line",
+    ),
     # RFC 9112 section 2.2: lines end with CRLF.
     (
         "bare_lf_in_field",
@@ -864,6 +894,118 @@ async def test_one_empty_line_before_request_is_ignored(serve):
     response, client = await request_once(serve, b"\r\n" + GET)
 
     assert response.status == 404
+    client.transport.loseConnection()
+
+
+def _tls_client_hello() -> bytes:
+    """
+    Return the first bytes a TLS client sends: a record with its ClientHello.
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    connection = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        connection.do_handshake()
+    return outgoing.read()
+
+
+TLS_ON_CLEARTEXT = (
+    "the request looks like a TLS handshake, but this port serves cleartext HTTP"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_client_hello_gets_400_at_once(serve, logs):
+    """
+    A TLS client on the cleartext port gets 400 before the head timeout.
+
+    The default header timeout of 60 s is longer than bounded() waits.
+    """
+    hello = _tls_client_hello()
+    assert hello[0] == 0x16
+
+    response = await assert_rejected(serve, logs, hello, 400)
+
+    assert rejection_reason(logs) == TLS_ON_CLEARTEXT
+    assert response.body == TLS_ON_CLEARTEXT.encode("ascii") + b"\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_first_byte_gets_400_at_once(serve, logs):
+    await assert_rejected(serve, logs, b"\x80\x01\x02", 400)
+
+    assert rejection_reason(logs) == "invalid first byte of the request line"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_client_hello_after_request_gets_400(serve, logs):
+    """
+    The check also applies to the bytes pipelined after a request.
+    """
+    response, client = await request_once(serve, GET + _tls_client_hello())
+    second = await bounded(client.read_response())
+    await bounded(client.wait_closed())
+
+    assert response.status == 404
+    assert second.status == 400
+    assert second.header("connection") == "close"
+    assert rejection_reason(logs) == TLS_ON_CLEARTEXT
+
+
+@pytest.mark.parametrize(
+    "expect",
+    [b"Expect: bogus", b"Expect: 100-continue, bogus", b"Expect: 100-continue=1"],
+)
+@pytest_twisted.ensureDeferred
+async def test_unknown_expectation_gets_417(serve, logs, expect):
+    """
+    RFC 9110 section 10.1.1: 100-continue is the only expectation.
+    """
+    data = _request(HOST, b"Content-Length: 3", expect, body=b"abc")
+    response = await assert_rejected(serve, logs, data, 417)
+
+    assert response.body == b"unsupported Expect header, expected '100-continue'\n"
+
+
+@pytest.mark.parametrize(
+    ("expect", "version"),
+    [
+        (b"Expect: 100-Continue", b"HTTP/1.1"),
+        (b"Expect: 100-continue", b"HTTP/1.0"),
+        (b"Expect:", b"HTTP/1.1"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_continue_expectation_is_served(serve, expect, version):
+    data = _request(
+        HOST,
+        b"Content-Length: 3",
+        expect,
+        line=b"POST /test " + version,
+        body=b"abc",
+    )
+    response, client = await request_once(serve, data)
+    if response.status == 100:
+        response = await bounded(client.read_response())
+
+    assert response.status == 404
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_body_with_trailer_is_served(serve):
+    data = _request(
+        HOST,
+        b"Transfer-Encoding: chunked",
+        body=b"3\r\nabc\r\n0\r\nX-Checksum: 1\r\nX-Empty:\r\n\r\n",
+    )
+    response, client = await request_once(serve, data + GET)
+    second = await bounded(client.read_response())
+
+    assert response.status == 404
+    assert second.status == 404
     client.transport.loseConnection()
 
 

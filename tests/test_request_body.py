@@ -9,7 +9,8 @@ import hashlib
 
 import pytest_twisted
 from support import connect, upgrade_request
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
 
 from desperados.errors import ClientDisconnectedError
 from desperados.request import DISCARD_LIMIT
@@ -345,3 +346,47 @@ async def test_upgrade_with_body_gets_400(serve):
     assert response.status == 400
     assert response.body == b"a WebSocket upgrade request must not have a body"
     assert response.header("connection") == "close"
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunk_size_past_limit_gets_413_at_once(serve, logs):
+    """
+    A chunk-size line that alone would exceed the limit gets 413 before any
+    of the chunk's bytes arrive.
+    """
+    port = await serve(_digest_body, max_body_size=1000)
+    client = await connect(port)
+
+    client.send(
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"258\r\n"
+        + b"a" * 600
+        + b"\r\n191\r\n"
+    )
+    response = await ensureDeferred(client.read_response()).addTimeout(10, reactor)
+    await client.wait_closed()
+
+    assert response.status == 413
+    assert response.header("connection") == "close"
+    assert response.body == (
+        b"a chunk of 401 bytes would make the request body larger than the "
+        b"maximum of 1000 bytes"
+    )
+    rejected = logs.with_format("rejected {method} {path}")
+    assert [event["status"] for event in rejected] == [413]
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunks_up_to_limit_are_read(serve):
+    port = await serve(_digest_body, max_body_size=1000)
+    client = await connect(port)
+
+    client.send(
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + _chunked([b"a" * 600, b"b" * 400])
+    )
+    response = await client.read_response()
+    client.transport.loseConnection()
+
+    assert response.status == 200
+    assert response.body.startswith(b"1000 ")
