@@ -196,6 +196,14 @@ class WebSocketOptions:
         after ours before the TCP connection is dropped.
     :ivar ping_interval: seconds between server pings, or C{None} for none.
     :ivar ping_timeout: seconds to wait for the pong before closing.
+    :ivar max_inflate_ratio: the largest ratio of a compressed message's
+        inflated size to its compressed size; a message that inflates
+        further closes the connection with 1009, before the rest is
+        inflated.  C{None} disables the check.
+    :ivar inflate_ratio_min_size: the inflated size of a message, in bytes,
+        up to which C{max_inflate_ratio} is not checked, so that small
+        messages that compress well (or reuse earlier messages through
+        context takeover) are accepted.
     """
 
     timeout: float | None = 60.0
@@ -208,15 +216,29 @@ class WebSocketOptions:
     close_handshake_timeout: float = 5.0
     ping_interval: float | None = None
     ping_timeout: float | None = None
+    # NOTE: both defaults are a judgment, not taken from another server.
+    # Deflate compresses zeros about 1000 times, but a message over 1 MiB
+    # that repeats one JSON record can also pass 100 and is then rejected.
+    max_inflate_ratio: float | None = 100.0
+    inflate_ratio_min_size: int = 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_frame_size", "max_message_size"):
+        for name in ("max_frame_size", "max_message_size", "inflate_ratio_min_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 msg = f"expected a positive int for {name}, got {value!r}"
                 raise ValueError(msg)
         for name in ("timeout", "ping_interval", "ping_timeout"):
             _check_seconds(name, getattr(self, name), optional=True)
+        ratio = self.max_inflate_ratio
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1
+        ):
+            msg = (
+                "expected a number of 1 or more or None for max_inflate_ratio, "
+                f"got {ratio!r}"
+            )
+            raise ValueError(msg)
         _check_seconds(
             "close_handshake_timeout", self.close_handshake_timeout, optional=False
         )

@@ -15,8 +15,10 @@ from collections import deque
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
 from autobahn.websocket.compress import (
     PERMESSAGE_COMPRESSION_EXTENSION,
+    PerMessageDeflate,
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
@@ -29,8 +31,9 @@ from twisted.web.http import Request
 
 from desperados import telemetry, websock
 from desperados._logging import observer as log_observer
+from desperados.deflate import RatioLimitedDeflate
 from desperados.errors import BadRequestError
-from desperados.http1 import CountedConnection
+from desperados.http1 import CountedConnection, _peer_address
 from desperados.interfaces import IWebSockControl
 from desperados.websock import (
     Binary,
@@ -128,7 +131,39 @@ class HandlerProtocol(WebSocketServerProtocol):
         # drops TCP before the peer's Close frame arrives.  Keep the first.
         if self.failedByMe and self.state == self.STATE_CLOSING:
             return
-        super()._fail_connection(code, reason)
+        if self.state == self.STATE_CLOSED:
+            return
+        # Autobahn's own _fail_connection logs this at warn level without
+        # the peer.  The steps below are its steps (Autobahn 26.11) without
+        # that line.
+        self._log.info(
+            "failing WebSocket connection from {peer} with {code}: {reason}",
+            peer=_peer_address(self.transport),
+            code=code,
+            reason=reason,
+        )
+        self.failedByMe = True
+        if self.failByDrop:
+            self.wasClean = False
+            self.wasNotCleanReason = f"I dropped the WebSocket TCP connection: {reason}"
+            self.dropConnection(abort=True)
+        elif self.state != self.STATE_CLOSING:
+            self.sendCloseFrame(
+                code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False
+            )
+        else:
+            self.dropConnection(abort=False)
+
+    def _max_message_size_exceeded(
+        self, msg_size: int, max_msg_size: int, reason: str
+    ) -> None:
+        extension = self._perMessageCompress
+        if isinstance(extension, RatioLimitedDeflate) and extension.ratio_exceeded:
+            reason = (
+                f"compressed message inflated past {extension.max_inflate_ratio:g} "
+                f"times its {extension.compressed_size} bytes"
+            )
+        super()._max_message_size_exceeded(msg_size, max_msg_size, reason)
 
     def dropConnection(self, abort: bool = False) -> None:
         # Autobahn 26.11 answers an invalid Close frame (a one-byte payload,
@@ -211,6 +246,7 @@ class HandlerProtocol(WebSocketServerProtocol):
         return _select_subprotocol(request.protocols, self.upgrade.options), {}
 
     def onOpen(self) -> None:
+        self._limit_inflation()
         self._opened = True
         self._state = self.upgrade.state
         self.bridge.connections.add(self)
@@ -244,6 +280,18 @@ class HandlerProtocol(WebSocketServerProtocol):
             # failed frame is read in full, go on with the next one.
             self.current_frame = None
         return result
+
+    def _limit_inflation(self) -> None:
+        extension = self._perMessageCompress
+        if not isinstance(extension, PerMessageDeflate):
+            return
+        options = self.upgrade.options
+        limited = RatioLimitedDeflate.replacing(
+            extension, options.max_inflate_ratio, options.inflate_ratio_min_size
+        )
+        self._perMessageCompress = limited
+        in_use = self.websocket_extensions_in_use
+        in_use[in_use.index(extension)] = limited
 
     def _failed_frame_read(self) -> bool:
         frame = self.current_frame

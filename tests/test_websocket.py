@@ -23,7 +23,7 @@ from autobahn.websocket.compress import (
 )
 from support import RawClient, close_payload, connect, encode_frame, upgrade_request
 from twisted.internet import reactor, threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import deferLater
@@ -46,6 +46,7 @@ from desperados import (
 )
 from desperados.plugs import Websocket
 from desperados.server import DesperadosService, make_site
+from desperados.websock import WebSocketOptions
 
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 CONTINUATION = 0x0
@@ -761,6 +762,128 @@ async def test_compressed_message_inflating_past_limit_closes_with_1009(
     assert logs.with_format("dropping connection to peer") == []
 
 
+async def open_compressed(server: Server) -> RawClient:
+    client = await connect(server.port)
+    client.send(
+        upgrade_request(
+            "/socket", extra="Sec-WebSocket-Extensions: permessage-deflate\r\n"
+        )
+    )
+    response = await client.read_response()
+    assert response.header("sec-websocket-extensions") == "permessage-deflate"
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_compression_bomb_closes_with_1009(websocket_server, logs):
+    """
+    With the default options, about 8 KiB that inflate to 8 MiB (below
+    max_message_size) close the connection, and the server keeps serving.
+    """
+    echo = Scripted(handle_in=lambda frame, state: Push(Binary(frame[0]), state))
+    server = await websocket_server(echo)
+    bomb = deflate(b"\x00" * 8 * 1024 * 1024)
+
+    client = await open_compressed(server)
+    local = client.transport.getHost()
+    client.send_frame(BINARY, bomb, rsv=RSV1)
+    opcode, payload = await ensureDeferred(client.read_frame()).addTimeout(10, reactor)
+    client.send_frame(CLOSE, payload)
+    await client.wait_closed()
+    reason = await ended(server)
+    second = await open_compressed(server)
+    second.send_frame(BINARY, deflate(b"after the bomb"), rsv=RSV1)
+    rsv, echo_opcode, echoed = await read_frame_with_rsv(second)
+    await close_cleanly(second)
+
+    assert len(bomb) < 10_000
+    assert (opcode, close_code(payload)) == (CLOSE, 1009)
+    assert payload[2:] == b"compressed message inflated past 100 times its %d bytes" % (
+        len(bomb)
+    )
+    assert (reason.kind, reason.code) == ("protocol", 1009)
+    assert echo.called("handle_in")[0][0] == (b"after the bomb", "binary")
+    assert len(echo.called("handle_in")) == 1
+    assert (echo_opcode, inflate(echoed)) == (BINARY, b"after the bomb")
+    (failed,) = logs.with_format("failing WebSocket connection from {peer}")
+    assert failed["peer"] == f"127.0.0.1:{local.port}"
+    assert failed["code"] == 1009
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_message_past_ratio_is_read(websocket_server):
+    """
+    Below inflate_ratio_min_size the ratio is not checked: 100 kB of zeros
+    compress about 1000 times.
+    """
+    handler = Scripted(handle_in=lambda frame, state: Push(Binary(frame[0]), state))
+    server = await websocket_server(handler)
+    message = b"\x00" * 100_000
+    compressed = deflate(message)
+
+    client = await open_compressed(server)
+    client.send_frame(BINARY, compressed, rsv=RSV1)
+    rsv, opcode, payload = await read_frame_with_rsv(client)
+    await close_cleanly(client)
+
+    assert len(message) / len(compressed) > 100
+    assert (opcode, inflate(payload)) == (BINARY, message)
+
+
+@pytest_twisted.ensureDeferred
+async def test_inflate_ratio_applies_across_frames(websocket_server):
+    """
+    The ratio counts the compressed bytes of every frame of the message.
+    """
+    handler = Scripted()
+    server = await websocket_server(
+        handler, max_inflate_ratio=10, inflate_ratio_min_size=1000
+    )
+    compressed = deflate(b"\x00" * 50_000)
+
+    client = await open_compressed(server)
+    client.send_frame(BINARY, compressed[:10], rsv=RSV1, fin=False)
+    client.send_frame(CONTINUATION, compressed[10:])
+    opcode, payload = await ensureDeferred(client.read_frame()).addTimeout(10, reactor)
+    client.send_frame(CLOSE, payload)
+    await client.wait_closed()
+    reason = await ended(server)
+
+    assert (opcode, close_code(payload)) == (CLOSE, 1009)
+    assert (reason.kind, reason.code) == ("protocol", 1009)
+    assert handler.called("handle_in") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_inflate_ratio_none_reads_bomb(websocket_server):
+    handler = Scripted(
+        handle_in=lambda frame, state: Push(Text(b"%d" % len(frame[0])), state)
+    )
+    server = await websocket_server(handler, max_inflate_ratio=None)
+    bomb = deflate(b"\x00" * 2 * 1024 * 1024)
+
+    client = await open_compressed(server)
+    client.send_frame(BINARY, bomb, rsv=RSV1)
+    rsv, opcode, payload = await read_frame_with_rsv(client)
+    await close_cleanly(client)
+
+    assert (opcode, inflate(payload)) == (TEXT, b"%d" % (2 * 1024 * 1024))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_inflate_ratio": 0.5},
+        {"max_inflate_ratio": True},
+        {"max_inflate_ratio": "100"},
+        {"inflate_ratio_min_size": 0},
+    ],
+)
+def test_invalid_inflate_options_raise(options):
+    with pytest.raises(ValueError, match="expected"):
+        WebSocketOptions(**options)
+
+
 @pytest_twisted.ensureDeferred
 async def test_compression_off_declines_the_offer(websocket_server):
     server = await websocket_server(Scripted(), compress=False)
@@ -911,6 +1034,22 @@ async def _protocol_error(server: Server, client: RawClient) -> None:
     opcode, payload = await client.read_frame()
     client.send_frame(CLOSE, payload)
     await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_protocol_error_log_names_peer(websocket_server, logs):
+    server = await websocket_server(Scripted())
+
+    client = await server.open()
+    local = client.transport.getHost()
+    await _protocol_error(server, client)
+    await ended(server)
+
+    (failed,) = logs.with_format("failing WebSocket connection")
+    assert failed["log_format"].startswith("failing WebSocket connection from {peer}")
+    assert failed["peer"] == f"127.0.0.1:{local.port}"
+    assert failed["code"] == 1002
+    assert failed["log_level"].name == "info"
 
 
 def _stop_or_raise(frame: tuple[bytes, str], state: object) -> object:
