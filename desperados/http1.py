@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -27,6 +27,7 @@ from twisted.web.http import (
     _MalformedChunkedDataError,
     datetimeToString,
 )
+from zope.interface import implementer
 
 from desperados._logging import observer as log_observer
 
@@ -71,6 +72,10 @@ class HTTPOptions:
     :ivar linger_timeout: seconds that a connection closed after an error
         keeps reading and discarding input before it is aborted, so that a
         client still sending gets the error response instead of a TCP reset.
+    :ivar tls_handshake_timeout: seconds from the TCP connection until the
+        TLS handshake is complete; then the connection is aborted, since
+        no HTTP response can be sent yet.  C{None} for no limit other than
+        C{keepalive_timeout}.
     """
 
     max_request_line_length: int = 10_000
@@ -83,6 +88,7 @@ class HTTPOptions:
     header_timeout: float | None = 60.0
     body_timeout: float | None = 60.0
     linger_timeout: float = 2.0
+    tls_handshake_timeout: float | None = 10.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -94,7 +100,12 @@ class HTTPOptions:
             _check_positive(name, getattr(self, name), int, optional=False)
         for name in ("max_requests", "max_connections"):
             _check_positive(name, getattr(self, name), int, optional=True)
-        for name in ("keepalive_timeout", "header_timeout", "body_timeout"):
+        for name in (
+            "keepalive_timeout",
+            "header_timeout",
+            "body_timeout",
+            "tls_handshake_timeout",
+        ):
             _check_positive(name, getattr(self, name), (int, float), optional=True)
         _check_positive(
             "linger_timeout", self.linger_timeout, (int, float), optional=False
@@ -796,13 +807,21 @@ class ConnectionLimit:
     :param limit: the maximum number of open connections, or None for no limit.
     :param reactor: the reactor that schedules the abort of rejected ones.
     :param linger_timeout: see L{HTTPOptions.linger_timeout}.
+    :param tls_handshake_timeout: see L{HTTPOptions.tls_handshake_timeout}.
     :ivar count: the number of open connections, rejected ones not included.
     """
 
-    def __init__(self, limit: int | None, reactor: Any, linger_timeout: float) -> None:
+    def __init__(
+        self,
+        limit: int | None,
+        reactor: Any,
+        linger_timeout: float,
+        tls_handshake_timeout: float | None = None,
+    ) -> None:
         self.limit = limit
         self.count = 0
-        self._reactor = reactor
+        self.reactor = reactor
+        self.tls_handshake_timeout = tls_handshake_timeout
         self._linger_timeout = linger_timeout
         self._rejected_count = 0
 
@@ -818,7 +837,7 @@ class ConnectionLimit:
                     max_connections=self.limit,
                 )
             self._rejected_count += 1
-            return _RejectedConnection(self._reactor, self._linger_timeout)
+            return _RejectedConnection(self.reactor, self._linger_timeout)
         return CountedConnection(self, build_protocol(addr))
 
     def registerProtocol(self, protocol: ProtocolWrapper) -> None:
@@ -836,6 +855,7 @@ class ConnectionLimit:
             self._rejected_count = 0
 
 
+@implementer(IHandshakeListener)
 class CountedConnection(ProtocolWrapper):
     """
     The wrapper around each connection's protocol that keeps it counted.
@@ -844,7 +864,47 @@ class CountedConnection(ProtocolWrapper):
     protocol that takes the connection over should use C{self.transport},
     the transport under this wrapper, as its own: Autobahn reads the TLS
     details only from a real TLS transport.
+
+    Over TLS it also aborts the connection when the handshake is not
+    complete within the limit's C{tls_handshake_timeout}.  Twisted's TLS
+    protocol calls L{handshakeCompleted} on the protocol it wraps, which is
+    this one.
     """
+
+    factory: ConnectionLimit
+    _handshake_call: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        timeout = self.factory.tls_handshake_timeout
+        if timeout is not None and ISSLTransport.providedBy(transport):
+            self._handshake_call = self.factory.reactor.callLater(
+                timeout, self._handshake_timed_out, timeout
+            )
+
+    def handshakeCompleted(self) -> None:
+        self._cancel_handshake_timeout()
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_handshake_timeout()
+        super().connectionLost(reason)
+
+    def _handshake_timed_out(self, timeout: float) -> None:
+        self._handshake_call = None
+        log.info(
+            "closing the connection from {peer}: the TLS handshake timed out "
+            "after {timeout} seconds",
+            peer=_peer_address(self.transport),
+            timeout=timeout,
+        )
+        self.transport.abortConnection()
+
+    def _cancel_handshake_timeout(self) -> None:
+        call, self._handshake_call = self._handshake_call, None
+        if call is not None and call.active():
+            call.cancel()
 
 
 class _RejectedConnection(Protocol):

@@ -100,7 +100,10 @@ class DesperadosSite(Site):
             # Open now, so that a path that cannot be written fails at start.
             self.access_log.open()
         self.connection_limit = ConnectionLimit(
-            options.max_connections, self.reactor, options.linger_timeout
+            options.max_connections,
+            self.reactor,
+            options.linger_timeout,
+            options.tls_handshake_timeout,
         )
 
     def buildProtocol(self, addr: Any) -> Any:

@@ -448,6 +448,70 @@ async def test_stalled_tls_handshake_is_closed(serve, tls_files):
     assert client.closed
 
 
+HANDSHAKE_TIMED_OUT = "the TLS handshake timed out"
+
+
+async def serve_tls(serve, tls_files, **options: object) -> int:
+    return await serve(
+        scheme="https",
+        certfile=tls_files.certfile,
+        keyfile=tls_files.keyfile,
+        http_options=HTTPOptions(**options),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_tls_client_is_aborted(serve, tls_files, logs):
+    """
+    A client that connects to the TLS port and sends nothing is aborted
+    after tls_handshake_timeout, well before the keep-alive timeout of 60 s.
+    """
+    port = await serve_tls(serve, tls_files, tls_handshake_timeout=0.2)
+    client = await connect(port)
+    local = client.transport.getHost()
+
+    await bounded(client.wait_closed())
+
+    assert client.buffer == b""
+    (event,) = logs.with_format(HANDSHAKE_TIMED_OUT)
+    assert event["peer"] == f"127.0.0.1:{local.port}"
+    assert event["timeout"] == 0.2
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_client_hello_is_aborted(serve, tls_files, logs):
+    port = await serve_tls(serve, tls_files, tls_handshake_timeout=0.2)
+    hello = _tls_client_hello()
+    client = await connect(port)
+
+    client.send(hello[: len(hello) // 2])
+    await bounded(client.wait_closed())
+
+    assert client.buffer == b""
+    assert len(logs.with_format(HANDSHAKE_TIMED_OUT)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_completed_handshake_outlives_its_timeout(serve, tls_files, logs):
+    """
+    The handshake timeout ends with the handshake: a client that sends its
+    request later than that is served.
+    """
+    port = await serve_tls(serve, tls_files, tls_handshake_timeout=0.2)
+    client = await connect_raw_tls(port, tls_files, [b"http/1.1"])
+    client.send(GET)
+    first = await bounded(client.read_response())
+
+    await sleep(0.4)
+    client.send(GET)
+    second = await bounded(client.read_response())
+    client.transport.loseConnection()
+
+    assert first.status == 404
+    assert second.status == 404
+    assert logs.with_format(HANDSHAKE_TIMED_OUT) == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_trickled_head_over_tls_gets_408(serve, tls_files):
     port = await serve(
@@ -1090,6 +1154,7 @@ def test_twistd_options_set_http_options():
             "--max-connections=none",
             "--header-timeout=none",
             "--body-timeout=2.5",
+            "--tls-handshake-timeout=3",
         ]
     )
     service = service_maker.makeService(options, reactor=MemoryReactor())
@@ -1101,8 +1166,10 @@ def test_twistd_options_set_http_options():
         max_connections=None,
         header_timeout=None,
         body_timeout=2.5,
+        tls_handshake_timeout=3.0,
     )
     assert service.site.timeOut == 60.0
+    assert service.site.connection_limit.tls_handshake_timeout == 3.0
 
 
 def test_twistd_defaults_are_http_options_defaults():
@@ -1123,6 +1190,7 @@ def test_twistd_defaults_are_http_options_defaults():
         "--max-connections=many",
         "--keepalive-timeout=0",
         "--linger-timeout=none",
+        "--tls-handshake-timeout=0",
     ],
 )
 def test_twistd_invalid_limit_is_usage_error(argument):

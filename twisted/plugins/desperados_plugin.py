@@ -150,6 +150,13 @@ class Options(usage.Options):
             "it is aborted.",
         ],
         [
+            "tls-handshake-timeout",
+            None,
+            "10",
+            "Seconds from the TCP connection until the TLS handshake is "
+            "complete, else the connection is aborted; or 'none'.",
+        ],
+        [
             "access-log",
             None,
             None,
@@ -282,6 +289,7 @@ class Options(usage.Options):
             ("header-timeout", True),
             ("body-timeout", True),
             ("linger-timeout", False),
+            ("tls-handshake-timeout", True),
         ]
         values: dict[str, Any] = {}
         for option, none in counts:
