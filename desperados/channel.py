@@ -10,8 +10,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 
-from desperados.request import StreamingChannel
+from desperados.http1_fast import FastPath
 from desperados.http2 import H2Connection
+from desperados.request import StreamingChannel
+from desperados.resource import PlugResource
 
 # RFC 9113 section 3.4: a client that knows the server speaks HTTP/2 starts
 # the connection with these 24 bytes instead of an HTTP/1.1 request.
@@ -40,6 +42,10 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
 
     _received = b""
     _registry: dict[HTTPChannel, HTTPChannelSelector] | None = None
+
+    fast_path: FastPath | None = None
+    """The server of the simple HTTP/1.1 requests until it hands over to
+    C{_channel}, or None."""
 
     def __init__(self, channel: HTTPChannel) -> None:
         super().__init__(channel)
@@ -92,6 +98,10 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
             self.untrack()
 
     def dataReceived(self, data: bytes) -> None:
+        fast_path = self.fast_path
+        if fast_path is not None:
+            fast_path.data_received(data)
+            return
         if self._negotiatedProtocol is not None:
             self._channel.dataReceived(data)
             return
@@ -113,7 +123,29 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
                 self._switch_to_http2()
             else:
                 self._negotiatedProtocol = b"http/1.1"
+        if self._negotiatedProtocol != b"h2" and self._start_fast_path():
+            assert self.fast_path is not None
+            self.fast_path.data_received(data)
+            return
         self._channel.dataReceived(data)
+
+    def _start_fast_path(self) -> bool:
+        """
+        Serve simple HTTP/1.1 requests with a L{FastPath}, if the Site allows.
+
+        It needs a Site whose C{http1_fast_path} is true, desperados'
+        HTTP/1.1 channel, and a L{PlugResource} that serves every path.
+        """
+        channel = self._channel
+        site = getattr(channel, "site", None)
+        if (
+            not getattr(site, "http1_fast_path", False)
+            or not isinstance(channel, StreamingChannel)
+            or not isinstance(getattr(site, "resource", None), PlugResource)
+        ):
+            return False
+        self.fast_path = FastPath(self, channel)
+        return True
 
     def _switch_to_http2(self) -> None:
         # These are the steps of twisted.web's own switch after ALPN. The

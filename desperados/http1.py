@@ -438,24 +438,27 @@ class DesperadosChannel(HTTPChannel):
         super().allContentReceived()
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
-        # twisted.web reads only the first Connection header and splits it on
-        # spaces, so "keep-alive,close" keeps the connection open; RFC 9110
-        # section 7.6.1 makes it a comma-separated list.
         self._requests_received += 1
-        tokens = {
-            token.strip().lower()
-            for value in request.requestHeaders.getRawHeaders(b"connection", [])
-            for token in value.split(b",")
-        }
         if version != b"HTTP/1.1":
             return False
-        max_requests = self.options.max_requests
-        if b"close" in tokens or (
-            max_requests and self._requests_received >= max_requests
-        ):
+        connection = request.requestHeaders.getRawHeaders(b"connection", [])
+        if closes_connection(connection, self._requests_received, self.options):
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
         return True
+
+    def served_elsewhere(self, persistent: bool) -> None:
+        """
+        Count a request that L{desperados.http1_fast.FastPath} served.
+
+        The request never reached this channel: count it towards
+        C{max_requests} and, if C{persistent}, wait for the next one.
+        """
+        self._requests_received += 1
+        if persistent:
+            self._set_deadline(_IDLE, self.options.keepalive_timeout)
+        else:
+            self._set_deadline(None, None)
 
     def requestDone(self, request: Any) -> None:
         if self.persistent:
@@ -602,6 +605,30 @@ class DesperadosChannel(HTTPChannel):
             self._reject(408, "timed out reading the request head")
         else:
             self._reject(408, "timed out reading the request body")
+
+
+def closes_connection(
+    connection: list[bytes], requests_received: int, options: HTTPOptions
+) -> bool:
+    """
+    Say whether an HTTP/1.1 request ends its connection after the response.
+
+    It does when its C{Connection} header lists C{close}, or when it is
+    request number C{options.max_requests} of the connection.  twisted.web
+    reads only the first Connection header and splits it on spaces, so
+    "keep-alive,close" would keep the connection open; RFC 9110 section
+    7.6.1 makes it a comma-separated list.
+
+    :param connection: the values of the request's C{Connection} headers.
+    :param requests_received: the number of requests on the connection so
+        far, this one included.
+    """
+    for value in connection:
+        for token in value.split(b","):
+            if token.strip().lower() == b"close":
+                return True
+    max_requests = options.max_requests
+    return bool(max_requests and requests_received >= max_requests)
 
 
 def _peer_address(transport: Any) -> str:

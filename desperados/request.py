@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import parse_qs
+from twisted.web.http import RESPONSES, parse_qs
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -45,6 +45,13 @@ _EXTRA_REASON_PHRASES = {
 }
 
 
+def reason_phrase(code: int) -> bytes:
+    """
+    Return the reason phrase of status C{code}, as twisted.web would send it.
+    """
+    return _EXTRA_REASON_PHRASES.get(code) or RESPONSES.get(code, b"Unknown Status")
+
+
 class StreamingRequest(Request):
     """
     A request whose body is read by the plugs instead of buffered up front.
@@ -74,7 +81,7 @@ class StreamingRequest(Request):
         # twisted.web 26.10's RESPONSES table has no reason phrase for these
         # codes and sends "Unknown Status" instead.
         if message is None:
-            message = _EXTRA_REASON_PHRASES.get(code)
+            message = reason_phrase(code)
         super().setResponseCode(code, message)
 
     def gotLength(self, length: int | None) -> None:
@@ -293,6 +300,10 @@ class StreamingChannel(DesperadosChannel):
     """Whether C{_streaming}'s response is complete, waiting for the body's end."""
 
     _discard_budget = 0
+
+    adopted_conn: Any = None
+    """The Conn that the next request rendered takes over instead of running
+    the pipeline, set by L{desperados.http1_fast.FastPath}."""
 
     _closing = False
     """Whether the connection closes after a response sent before the body's end."""

@@ -5,6 +5,7 @@ PlugResource: the twisted.web resource that runs a plug pipeline.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Sequence
 from time import perf_counter
 from typing import IO, Any
 from weakref import WeakKeyDictionary
@@ -189,6 +190,17 @@ class PlugResource(Resource):
         if self.draining:
             _close_after_response(request)
 
+        adopted = getattr(request.channel, "adopted_conn", None)
+        if adopted is not None:
+            # desperados.http1_fast is running the pipeline for this request
+            # and passed it on, because the pipeline needs a twisted.web
+            # request.  The running Conn gets this request under it.
+            request.channel.adopted_conn = None
+            adopted.adapter = _RequestAdapter(request, self.compression, self.reactor)
+            if telemetry.observers:
+                _observe_request(request, adopted)
+            return NOT_DONE_YET
+
         conn = self._conn_from(request)
         if telemetry.observers:
             _observe_request(request, conn)
@@ -197,7 +209,21 @@ class PlugResource(Resource):
         except Exception:
             self._fail(Failure(), request, conn)
             return NOT_DONE_YET
+        self.complete(result, request, conn)
+        return NOT_DONE_YET
 
+    def complete(self, result: object, request: Any, conn: Conn) -> None:
+        """
+        Finish C{request} with what the pipeline returned for C{conn}.
+
+        :param result: a Conn, a Deferred or awaitable of one, or a Failure
+            of the pipeline.
+        :param request: the twisted.web request, or for a response that
+            L{desperados.http1_fast.FastPath} sent, its record.
+        """
+        if isinstance(result, Failure):
+            self._fail(result, request, conn)
+            return
         if inspect.isawaitable(result) and not isinstance(result, Deferred):
             # A Builder turns its plugs' coroutines into Deferreds, but a
             # single plug mounted on its own returns its coroutine as is.
@@ -212,8 +238,7 @@ class PlugResource(Resource):
                 errbackArgs=(request, conn),
             )
         else:
-            self._finish(result, request)
-        return NOT_DONE_YET
+            self._finish(result, request)  # type: ignore[arg-type]
 
     def _wait(self, pending: Deferred[Conn], request: Request, conn: Conn) -> None:
         """
@@ -273,45 +298,24 @@ class PlugResource(Resource):
         pending.addCallbacks(finished, failed)
 
     def _conn_from(self, request: Request) -> Conn:
-        host_header = request.getHeader(b"host")
-        local = request.getHost()
-        local_port = getattr(local, "port", 0)
-        host, port = _split_host(host_header, local_port)
-        if not host:
-            host = getattr(local, "host", "") or ""
-
-        uri = request.uri
-        path, _, query = uri.partition(b"?")
-        request_path = path.decode("latin-1")
         # twisted.web's Request.process has already percent-decoded each
         # segment of prepath and postpath; decoding again would turn %2541
         # into A instead of %41.
-        script_name = [
+        conn = build_conn(
+            _RequestAdapter(request, self.compression, self.reactor),
+            method=request.method,
+            http_version=_http_version(request),
+            secure=_is_secure(request),
+            host_header=request.getHeader(b"host"),
+            local=request.getHost(),
+            client=request.getClientAddress(),
+            uri=request.uri,
+            path_info=request.postpath or (),
+            req_headers=request.requestHeaders.getAllRawHeaders(),
+        )
+        conn.script_name = [
             segment.decode("latin-1") for segment in request.prepath or () if segment
         ]
-        path_info = [
-            segment.decode("latin-1") for segment in request.postpath or () if segment
-        ]
-        client = request.getClientAddress()
-
-        conn = Conn(
-            adapter=_RequestAdapter(request, self.compression, self.reactor),
-            method=request.method.decode("latin-1"),
-            http_version=_http_version(request),
-            scheme="https" if _is_secure(request) else "http",
-            host=host,
-            port=port,
-            remote_ip=getattr(client, "host", None) or "",
-            request_path=request_path,
-            path_info=path_info,
-            query_string=query.decode("latin-1"),
-            req_headers=[
-                (name.decode("latin-1").lower(), value.decode("latin-1"))
-                for name, values in request.requestHeaders.getAllRawHeaders()
-                for value in values
-            ],
-        )
-        conn.script_name = script_name
         return conn
 
     def _finish(self, conn: Conn, request: Request) -> None:
@@ -536,6 +540,51 @@ def _http_version(request: Request) -> str:
     if version == _HTTP2:
         return "HTTP/2"
     return version.decode("latin-1")
+
+
+def build_conn(
+    adapter: Any,
+    *,
+    method: bytes,
+    http_version: str,
+    secure: bool,
+    host_header: bytes | None,
+    local: Any,
+    client: Any,
+    uri: bytes,
+    path_info: Iterable[bytes],
+    req_headers: Iterable[tuple[bytes, Sequence[bytes]]],
+) -> Conn:
+    """
+    Build the Conn of a parsed request.
+
+    :param local: the server's address, for a request without Host.
+    :param client: the client's address.
+    :param path_info: the percent-decoded segments of the path.
+    :param req_headers: the header names, any case, each with its values.
+    """
+    local_port = getattr(local, "port", 0)
+    host, port = _split_host(host_header, local_port)
+    if not host:
+        host = getattr(local, "host", "") or ""
+    path, _, query = uri.partition(b"?")
+    return Conn(
+        adapter=adapter,
+        method=method.decode("latin-1"),
+        http_version=http_version,
+        scheme="https" if secure else "http",
+        host=host,
+        port=port,
+        remote_ip=getattr(client, "host", None) or "",
+        request_path=path.decode("latin-1"),
+        path_info=[segment.decode("latin-1") for segment in path_info if segment],
+        query_string=query.decode("latin-1"),
+        req_headers=[
+            (name.decode("latin-1").lower(), value.decode("latin-1"))
+            for name, values in req_headers
+            for value in values
+        ],
+    )
 
 
 def _split_host(host_header: bytes | None, default_port: int) -> tuple[str, int]:

@@ -33,8 +33,8 @@ from desperados.channel import HTTPChannelSelector, build_channel
 from desperados.compression import Compression
 from desperados.drain import DEFAULT_DRAIN_TIMEOUT, Drain
 from desperados.http1 import ConnectionLimit, HTTPOptions
-from desperados.resource import DEFAULT_RESPONSE_TIMEOUT, PlugResource
 from desperados.request import DEFAULT_MAX_BODY_SIZE, StreamingRequest
+from desperados.resource import DEFAULT_RESPONSE_TIMEOUT, PlugResource
 from desperados.tls import TLSServerEndpoint, certificate_options
 
 DEFAULT_PORT = 8082
@@ -69,6 +69,10 @@ class DesperadosSite(Site):
     """
 
     emits_connection_events = True
+    http1_fast_path = True
+    """Whether L{desperados.http1_fast.FastPath} serves the simple HTTP/1.1
+    requests; when false, twisted.web's Request carries every request."""
+
     protocol = build_channel
     # Site logs "Starting factory" and "Stopping factory" for every listener.
     noisy = False

@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 import pytest
 import pytest_twisted
+from http2_support import TLSFiles, make_tls_files
+from support import LogCapture
 from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
 from desperados import start_link
-from http2_support import TLSFiles, make_tls_files
-from support import LogCapture
+from desperados.server import DesperadosSite
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +59,17 @@ async def serve() -> Callable:
     yield start
     for listening in ports:
         await listening.stopListening()
+
+
+@pytest.fixture(params=["fast path", "channel"])
+def both_http1_paths(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """
+    Run a test with desperados.http1_fast on, then with twisted.web's
+    Request carrying every HTTP/1.1 request.
+
+    Servers in other processes (twistd) always use the fast path.
+    """
+    monkeypatch.setattr(DesperadosSite, "http1_fast_path", request.param == "fast path")
+    return request.param

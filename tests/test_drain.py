@@ -22,6 +22,8 @@ from desperados.endpoints import Websocket
 from desperados.plugs import Websocket as DetectWebsocket
 from desperados.server import DesperadosService, make_site
 
+pytestmark = pytest.mark.usefixtures("both_http1_paths")
+
 TEXT, CLOSE = 0x1, 0x8
 GET_SLOW = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 GET_FAST = b"GET /fast HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"

@@ -4,6 +4,7 @@ The default pipeline over real loopback sockets: 404, WebSocket echo, errors.
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 from support import (
     close_payload,
@@ -16,6 +17,8 @@ from support import (
 
 from desperados import Builder
 from desperados.plugs import Inspect
+
+pytestmark = pytest.mark.usefixtures("both_http1_paths")
 
 TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
 

@@ -26,6 +26,8 @@ from twisted.python.usage import UsageError
 from desperados import Builder, HTTPOptions
 from desperados.server import make_site
 
+pytestmark = pytest.mark.usefixtures("both_http1_paths")
+
 T = TypeVar("T")
 
 GET = b"GET /test HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"

@@ -14,6 +14,8 @@ from zope.interface.verify import verifyObject
 from desperados import Builder, IPlug, endpoints
 from desperados.plugs import Metrics, Websocket
 
+pytestmark = pytest.mark.usefixtures("both_http1_paths")
+
 TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
 
 

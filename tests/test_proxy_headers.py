@@ -17,6 +17,8 @@ from desperados import Conn, IPlug, IWebSock, Ok, Push, Text
 from desperados.plugs import ProxyHeaders
 from twisted.plugins.desperados_plugin import Options, service_maker
 
+pytestmark = pytest.mark.usefixtures("both_http1_paths")
+
 
 def _conn(remote_ip: str = "10.0.0.1", headers: list[tuple[str, str]] = ()) -> Conn:
     return Conn(remote_ip=remote_ip, host="backend", port=8082, req_headers=headers)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import pytest_twisted
 from support import connect, upgrade_request
 from twisted.internet import reactor
@@ -14,6 +15,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from desperados.errors import ClientDisconnectedError
 from desperados.request import DISCARD_LIMIT
+
+pytestmark = pytest.mark.usefixtures("both_http1_paths")
 
 
 async def _digest_body(conn, opts):

@@ -14,6 +14,8 @@ from twisted.internet.defer import Deferred
 from desperados import Conn
 from desperados.errors import AlreadySentError, ClientDisconnectedError
 
+pytestmark = pytest.mark.usefixtures("both_http1_paths")
+
 
 async def _stream_parts(conn, opts):
     conn.put_resp_header("content-type", "text/plain")

@@ -1,0 +1,511 @@
+"""
+The HTTP/1.1 fast path: simple requests served without twisted.web's Request.
+
+L{FastPath} parses a whole request head in one pass straight into a Conn,
+runs the pipeline and writes the response with one C{transport.write}.  It
+serves HTTP/1.1 requests without a body, an C{Expect} or an C{Upgrade}
+header, whose response is sent whole (C{Conn.send_resp}) before the
+pipeline returns.  Everything else goes to the connection's
+L{desperados.request.StreamingChannel} in one of two ways:
+
+  - A request head that is incomplete, invalid or not served here is
+    handed over before the pipeline runs, together with every byte that
+    follows it.  The channel serves the rest of the connection, and sends
+    its own error response for an invalid head.
+  - A request whose pipeline needs more than C{send_resp} (a Deferred that
+    has not fired, a streamed or file response, an informational response,
+    an upgrade, a failure) is passed on while it runs.  The channel parses
+    the same head again, and the bridge puts the new twisted.web request
+    under the running Conn instead of running the pipeline twice (see
+    L{desperados.resource.PlugResource.render}).
+
+The responses are those of the channel: the same status line, header order
+and header name case, C{Date}, C{connection: close} rules, access-log line
+and telemetry.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter, time
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
+from twisted.web.http_headers import _nameEncoder
+from twisted.web.server import unquote
+
+from desperados import telemetry
+from desperados._logging import observer as log_observer
+from desperados.body import BodyChunk, RequestBody
+from desperados.conn import SET, Conn
+from desperados.errors import ClientDisconnectedError
+from desperados.http1 import (
+    _FIELD_LINE_BYTES,
+    _REQUEST_LINE_BYTES,
+    _TOKEN,
+    HTTPOptions,
+    _check_head,
+    closes_connection,
+)
+from desperados.request import reason_phrase
+from desperados.resource import PlugResource, build_conn
+from desperados.response import wire_response
+
+log = Logger(namespace="desperados.http1_fast", observer=log_observer)
+
+# Header fields after which the channel has to serve the request: a body,
+# 100-continue, and protocol switches (WebSocket, h2c).
+_HANDED_OVER_FIELDS = frozenset(
+    [b"content-length", b"transfer-encoding", b"expect", b"upgrade"]
+)
+
+_HTTP11 = b"HTTP/1.1"
+
+
+class FastPath:
+    """
+    The server of the simple requests of one HTTP/1.1 connection.
+
+    Create it only for a Site whose resource is a L{PlugResource} and whose
+    channel is a L{desperados.request.StreamingChannel}.
+
+    :param selector: the connection's
+        L{desperados.channel.HTTPChannelSelector}, whose C{fast_path}
+        L{hand_over} sets to None.
+    :param channel: the connection's HTTP/1.1 channel, already connected.
+    """
+
+    def __init__(self, selector: Any, channel: Any) -> None:
+        self._selector = selector
+        self._channel = channel
+        self._resource: PlugResource = channel.site.resource
+        self._options = channel.options
+        transport = channel.transport
+        self._transport = transport
+        self._local = transport.getHost()
+        self._client = transport.getPeer()
+        self._secure = ISSLTransport(transport, None) is not None
+        self._closed = False
+
+    def data_received(self, data: bytes) -> None:
+        """
+        Serve every complete request in C{data}, and hand over the rest.
+        """
+        if self._closed:
+            # As the channel does after a response with connection: close.
+            return
+        while data:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                # The channel starts the head deadline of an incomplete head.
+                self.hand_over(data)
+                return
+            request = _parse_head(data[:end], self._options)
+            if request is None:
+                self.hand_over(data)
+                return
+            if not self._serve(request, data):
+                return
+            data = data[end + 4 :]
+
+    def hand_over(self, data: bytes) -> None:
+        """
+        Give the rest of the connection, starting with C{data}, to the channel.
+        """
+        self._selector.fast_path = None
+        if data:
+            self._channel.dataReceived(data)
+
+    # Serving one request
+
+    def _serve(self, request: _ParsedRequest, data: bytes) -> bool:
+        """
+        Run the pipeline for C{request}, whose head starts C{data}.
+
+        :returns: whether this path goes on with the next request.
+        """
+        channel = self._channel
+        resource = self._resource
+        # The channel's checkPersistence decides the same way, and counts a
+        # request that is passed on.
+        persistent = not closes_connection(
+            request.fields.get(b"connection", []),
+            channel._requests_received + 1,
+            self._options,
+        )
+        adapter = _FastAdapter(self, request, data, persistent)
+        conn = build_conn(
+            adapter,
+            method=request.method,
+            http_version="HTTP/1.1",
+            secure=self._secure,
+            host_header=request.fields[b"host"][-1],
+            local=self._local,
+            client=self._client,
+            uri=request.uri,
+            path_info=request.path_info(),
+            req_headers=request.fields.items(),
+        )
+
+        plug = resource._plug
+        result: object
+        try:
+            result = _settled(plug.call(conn, plug.state))
+            if adapter.is_fresh() and type(result) is Conn and result.state == SET:
+                result.send_resp()
+        except Exception:
+            result = Failure()
+
+        if adapter.is_fresh():
+            try:
+                adapter.pass_on(conn)
+            except ClientDisconnectedError:
+                return False
+        if adapter.passed_on is not None:
+            resource.complete(result, adapter.passed_on, conn)
+            return False
+
+        persistent = adapter.record.persistent
+        channel.served_elsewhere(persistent)
+        resource.complete(result, adapter.record, conn)
+        if not persistent:
+            self._closed = True
+            channel.loseConnection()
+            return False
+        return True
+
+    def write_response(
+        self, request: _ParsedRequest, conn: Conn, body: bytes, persistent: bool
+    ) -> _SentRequest | None:
+        """
+        Write C{conn}'s response with one C{transport.write}, as the channel would.
+
+        :param persistent: whether the request leaves the connection open,
+            as the channel's C{checkPersistence} decides.
+        :returns: the record of the sent request, or None for a 1xx status,
+            which the channel has to send (twisted.web sends it chunked).
+        """
+        status = conn.status
+        assert status is not None
+        if status < 200:
+            return None
+        headers, body = wire_response(conn, body, self._resource.compression)
+
+        # This is the order in which twisted.web's Headers writes them, with
+        # names in Http-Header-Case and the values of a name together where
+        # the name first appeared.  checkPersistence sets Connection before
+        # Request.process sets Date, and while the server drains, the bridge
+        # sets Connection after Date.
+        fields: dict[bytes, list[bytes]] = {}
+        if not persistent:
+            fields[b"Connection"] = [b"close"]
+        fields[b"Date"] = [_http_date()]
+        if self._resource.draining:
+            fields[b"Connection"] = [b"close"]
+            persistent = False
+        encode_name = _nameEncoder.encode
+        for name, value in headers:
+            fields.setdefault(encode_name(name), []).append(value.encode("latin-1"))
+
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
+        for name, values in fields.items():
+            for value in values:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        lines.append(body)
+        self._transport.write(b"".join(lines))
+
+        record = _SentRequest(request, self._client, status, len(body), persistent)
+        record.access_log_client = conn.remote_ip
+        self._channel.site.log(record)
+        return record
+
+
+class _FastAdapter:
+    """
+    The adapter that writes a Conn's response for L{FastPath} or passes the
+    request on.
+
+    :ivar record: the sent request, once the response is written.
+    :ivar passed_on: the twisted.web request, once passed on to the channel.
+    """
+
+    __slots__ = (
+        "_body",
+        "_data",
+        "_path",
+        "_persistent",
+        "_request",
+        "passed_on",
+        "record",
+        "started",
+    )
+
+    def __init__(
+        self, path: FastPath, request: _ParsedRequest, data: bytes, persistent: bool
+    ) -> None:
+        self._path = path
+        self._request = request
+        self._data = data
+        self._persistent = persistent
+        self._body: RequestBody | None = None
+        self.started = perf_counter()
+        self.record: _SentRequest | None = None
+        self.passed_on: Any = None
+
+    def is_fresh(self) -> bool:
+        """
+        Say whether the response is neither sent nor passed on.
+        """
+        return self.record is None and self.passed_on is None
+
+    def pass_on(self, conn: Conn) -> Any:
+        """
+        Hand the connection, from this request on, to the channel.
+
+        The channel parses the request head again, and the bridge puts its
+        twisted.web request under C{conn} instead of running the pipeline.
+
+        :returns: C{conn}'s new adapter.
+        :raises ClientDisconnectedError: if the channel did not dispatch the
+            request, because it rejected the head and closed the connection.
+        """
+        path = self._path
+        channel = path._channel
+        channel.adopted_conn = conn
+        path.hand_over(self._data)
+        if channel.adopted_conn is not None:
+            # _parse_head accepts no head that the channel rejects, so this
+            # is a bug in one of them.
+            channel.adopted_conn = None
+            log.error(
+                "the HTTP/1.1 channel rejected a request that the fast path "
+                "accepted: {request_line!r}",
+                request_line=self._data.partition(b"\r\n")[0][:200],
+            )
+            msg = "the connection was closed"
+            raise ClientDisconnectedError(msg)
+        self.passed_on = conn.adapter.request
+        return conn.adapter
+
+    def _channel_adapter(self, conn: Conn) -> Any:
+        if self.passed_on is None:
+            return self.pass_on(conn)
+        return conn.adapter
+
+    def send_resp(self, conn: Conn, body: bytes) -> None:
+        if self.passed_on is None:
+            self.record = self._path.write_response(
+                self._request, conn, body, self._persistent
+            )
+            if self.record is not None:
+                if telemetry.observers:
+                    telemetry.emit(
+                        "http.request.stop",
+                        method=conn.method,
+                        status=conn.status,
+                        duration=perf_counter() - self.started,
+                    )
+                return
+        self._channel_adapter(conn).send_resp(conn, body)
+
+    def read_body(
+        self, conn: Conn, length: int, timeout: float | None
+    ) -> Deferred[BodyChunk]:
+        # The request has no body, so read the empty body as the channel's.
+        body = self._body
+        if body is None:
+            body = self._body = RequestBody(
+                expected_length=0, max_size=None, pause=_nothing, resume=_nothing
+            )
+            body.finish()
+        return body.read(length, timeout, self._path._resource.reactor)
+
+    def send_chunked(self, conn: Conn) -> None:
+        self._channel_adapter(conn).send_chunked(conn)
+
+    def chunk(self, conn: Conn, data: bytes) -> Deferred[Conn]:
+        # Conn.chunk comes after send_chunked, which passed the request on.
+        return conn.adapter.chunk(conn, data)
+
+    def send_file(self, conn: Conn, file: IO[bytes], offset: int, length: int) -> None:
+        self._channel_adapter(conn).send_file(conn, file, offset, length)
+
+    def inform(self, conn: Conn, status: int, headers: list[tuple[str, str]]) -> None:
+        self._channel_adapter(conn).inform(conn, status, headers)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _settled(result: object) -> object:
+    """
+    Return the Conn or Failure of a Deferred that already fired, else C{result}.
+
+    A Builder of coroutines that do not wait, such as one that reads the
+    empty body, returns a Deferred that has already fired.
+    """
+    if not isinstance(result, Deferred) or not result.called:
+        return result
+    settled: list[object] = []
+
+    def keep(value: object) -> object:
+        settled.append(value)
+        return value
+
+    result.addBoth(keep)
+    if not settled:
+        # It waits on a chained Deferred.
+        return result
+    if isinstance(settled[0], Failure):
+        # The caller handles this failure, so the Deferred must not log it.
+        result.addErrback(lambda _: None)
+    return settled[0]
+
+
+class _ParsedRequest:
+    """
+    The parts of a request head that L{_parse_head} accepted.
+
+    :ivar fields: the header values by lower-case name, in the order the
+        names first appear, as twisted.web's Headers keeps them.
+    """
+
+    __slots__ = ("fields", "method", "uri")
+
+    def __init__(self, method: bytes, uri: bytes, fields: dict[bytes, list[bytes]]):
+        self.method = method
+        self.uri = uri
+        self.fields = fields
+
+    def path_info(self) -> list[bytes]:
+        """
+        Return the percent-decoded path segments, as twisted.web's C{postpath}.
+        """
+        path = self.uri.partition(b"?")[0]
+        return [unquote(segment) for segment in path[1:].split(b"/")]
+
+
+class _FieldView:
+    """
+    The C{getRawHeaders} of twisted.web's Headers over a L{_ParsedRequest}'s fields.
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: dict[bytes, list[bytes]]) -> None:
+        self._fields = fields
+
+    def getRawHeaders(self, name: bytes) -> list[bytes] | None:  # noqa: N802
+        return self._fields.get(name)
+
+
+def _parse_head(head: bytes, options: HTTPOptions) -> _ParsedRequest | None:
+    """
+    Parse a request head, without its final blank line, if this path serves it.
+
+    Returns None for a head that this path leaves to the channel: one that
+    is invalid, where the channel sends the error response, or one that is
+    valid but needs the channel (see L{_HANDED_OVER_FIELDS}).  Every check
+    is at least as strict as L{desperados.http1.DesperadosChannel}'s, so a
+    head accepted here is one that the channel would dispatch.
+    """
+    if len(head) > options.max_head_size:
+        return None
+    request_line, *field_lines = head.split(b"\r\n")
+    if len(request_line) > options.max_request_line_length or request_line.translate(
+        None, _REQUEST_LINE_BYTES
+    ):
+        return None
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        return None
+    method, uri, version = parts
+    if version != _HTTP11 or uri[:1] != b"/" or not _TOKEN.fullmatch(method):
+        return None
+
+    if len(field_lines) > options.max_header_count:
+        return None
+    max_length = options.max_header_length
+    fields: dict[bytes, list[bytes]] = {}
+    for line in field_lines:
+        if len(line) > max_length or line.translate(None, _FIELD_LINE_BYTES):
+            return None
+        name, colon, value = line.partition(b":")
+        # The token check also rejects obs-fold (a leading space or tab)
+        # and whitespace before the colon.
+        if not colon or not _TOKEN.fullmatch(name):
+            return None
+        name = name.lower()
+        if name in _HANDED_OVER_FIELDS:
+            return None
+        value = value.strip(b" \t")
+        values = fields.get(name)
+        if values is None:
+            fields[name] = [value]
+        else:
+            values.append(value)
+
+    if b"host" not in fields or _check_head(_FieldView(fields), _HTTP11) is not None:
+        return None
+    return _ParsedRequest(method, uri, fields)
+
+
+class _SentRequest:
+    """
+    The record of a request that L{FastPath} served, with the attributes of
+    a finished twisted.web request that the access log and the bridge read.
+    """
+
+    finished = True
+    startedWriting = True  # noqa: N815
+    _disconnected = False
+    clientproto = _HTTP11
+
+    def __init__(
+        self,
+        request: _ParsedRequest,
+        client: Any,
+        code: int,
+        sent_length: int,
+        persistent: bool,
+    ) -> None:
+        self.persistent = persistent
+        self.method = request.method
+        self.uri = request.uri
+        self._fields = request.fields
+        self._client = client
+        self.code = code
+        self.sentLength = sent_length
+        self.access_log_client: str | None = None
+
+    def getClientAddress(self) -> Any:  # noqa: N802
+        return self._client
+
+    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802
+        values = self._fields.get(name)
+        return values[-1] if values else None
+
+    def notifyFinish(self) -> Deferred[None]:  # noqa: N802
+        return succeed(None)
+
+
+_date_second = -1
+_date_value = b""
+
+
+def _http_date() -> bytes:
+    """
+    Return the Date header value for now, formatted once per second.
+    """
+    global _date_second, _date_value
+    now = time()
+    second = int(now)
+    if second != _date_second:
+        _date_value = datetimeToString(now)
+        _date_second = second
+    return _date_value

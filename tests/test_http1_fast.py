@@ -1,0 +1,445 @@
+"""
+The HTTP/1.1 fast path against twisted.web's Request, over real loopback.
+
+Most tests serve the same requests with the fast path on and off, check
+that the client gets the same bytes, and check which path served them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import pytest_twisted
+from support import RawClient, upgrade_request
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
+
+from desperados import Builder, telemetry
+from desperados.server import DesperadosSite, make_site
+
+GET = b"GET /a/b?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: test\r\n\r\n"
+_DATE = re.compile(rb"\r\ndate: [^\r]*\r\n", re.IGNORECASE)
+
+
+class RecordingClient(RawClient):
+    """
+    A RawClient that also keeps every byte it received.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        super().dataReceived(data)
+
+
+@pytest_twisted.async_yield_fixture
+async def listen():
+    """
+    Listen with a Site on 127.0.0.1; stop listening after the test.
+
+    Call it as C{port = listen(site)}.
+    """
+    ports = []
+
+    def start(site: DesperadosSite) -> int:
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        ports.append(port)
+        return port.getHost().port
+
+    yield start
+    for port in ports:
+        await port.stopListening()
+
+
+def make_test_site(
+    plug: object = "desperados.plugs.Default", *, fast: bool = True, **options: object
+) -> DesperadosSite:
+    site = make_site(plug, reactor=reactor, **options)
+    site.http1_fast_path = fast
+    site.test_protocols = []
+    build = site._build_http_protocol
+
+    def build_and_keep(addr):
+        protocol = build(addr)
+        site.test_protocols.append(protocol)
+        return protocol
+
+    site._build_http_protocol = build_and_keep
+    return site
+
+
+async def exchange(
+    listen, site: DesperadosSite, data: bytes, *, heads: tuple[bool, ...] = (False,)
+) -> tuple[bytes, RecordingClient]:
+    """
+    Send C{data} on a new connection and read one response per entry of
+    C{heads} (True for a response to HEAD).
+
+    :returns: the bytes received, with Date values blanked, and the client.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", listen(site))
+    client = await connectProtocol(endpoint, RecordingClient())
+    client.send(data)
+    for head_only in heads:
+        await client.read_response(head_only=head_only)
+    return _DATE.sub(b"\r\ndate: -\r\n", client.received), client
+
+
+def fast_path_of(site: DesperadosSite) -> object:
+    """
+    Return the FastPath of the Site's one connection, None after a hand-over.
+    """
+    (protocol,) = site.test_protocols
+    return protocol.fast_path
+
+
+async def both_paths(
+    listen,
+    data: bytes,
+    plug: object = "desperados.plugs.Default",
+    *,
+    heads: tuple[bool, ...] = (False,),
+    **options: object,
+) -> tuple[bytes, bytes, DesperadosSite]:
+    """
+    Return the bytes that the fast path and the channel send for C{data},
+    and the fast path's Site.
+    """
+    fast_site = make_test_site(plug, fast=True, **options)
+    fast, fast_client = await exchange(listen, fast_site, data, heads=heads)
+    slow_site = make_test_site(plug, fast=False, **options)
+    slow, slow_client = await exchange(listen, slow_site, data, heads=heads)
+    fast_client.transport.loseConnection()
+    slow_client.transport.loseConnection()
+    return fast, slow, fast_site
+
+
+def _big_body(conn, opts):
+    conn.put_resp_header("content-type", "text/plain")
+    return conn.send_resp(200, b"x" * 5000).halt()
+
+
+def _no_content(conn, opts):
+    conn.put_resp_header("x-one", "1")
+    conn.put_resp_header("x-One", "2")
+    conn.put_resp_header("date", "plug date")
+    return conn.send_resp(204, b"").halt()
+
+
+def _set_only(conn, opts):
+    return conn.resp(201, "created")
+
+
+@pytest.mark.parametrize(
+    ("data", "plug", "heads"),
+    [
+        (GET, "desperados.plugs.Default", (False,)),
+        (
+            b"HEAD /%41/b%2Fc HTTP/1.1\r\nHost: example.com:81\r\n\r\n",
+            "desperados.plugs.Default",
+            (True,),
+        ),
+        (
+            GET + GET.replace(b"/a/b", b"/second"),
+            "desperados.plugs.Default",
+            (False, False),
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\n"
+            b"X-A: 1\r\nx-a: 2\r\n\r\n",
+            _big_body,
+            (False,),
+        ),
+        (GET, _no_content, (False,)),
+        (GET, _set_only, (False,)),
+    ],
+    ids=["get", "head", "pipelined", "gzip", "no-content", "resp-only"],
+)
+@pytest_twisted.ensureDeferred
+async def test_fast_path_sends_channel_bytes(listen, data, plug, heads):
+    fast, slow, site = await both_paths(listen, data, plug, heads=heads)
+    assert fast == slow
+    assert fast_path_of(site) is not None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        GET.replace(b"Host: 127.0.0.1\r\n", b"Host: a\r\nHost: b\r\n"),
+        b"GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+        b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\nX: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ],
+    ids=[
+        "two-hosts",
+        "control-byte",
+        "space-in-name",
+        "obs-fold",
+        "http2",
+        "bare-lf",
+        "gzip-te",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_invalid_head_gets_channel_error(listen, data):
+    fast, slow, site = await both_paths(listen, data)
+    assert fast == slow
+    assert fast.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 505 "))
+    assert b"\r\nconnection: close\r\n" in fast.lower()
+    assert fast_path_of(site) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET http://other/x HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        b"\r\n" + GET,
+    ],
+    ids=["absolute-form", "http-1.0", "body", "leading-empty-line"],
+)
+@pytest_twisted.ensureDeferred
+async def test_other_requests_are_handed_over(listen, data):
+    fast, slow, site = await both_paths(listen, data)
+    assert fast == slow
+    assert fast.startswith((b"HTTP/1.1 404 ", b"HTTP/1.0 404 "))
+    assert fast_path_of(site) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_split_head_is_handed_over(listen):
+    site = make_test_site()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", listen(site))
+    client = await connectProtocol(endpoint, RecordingClient())
+    client.send(GET[:20])
+    await deferLater(reactor, 0.05, lambda: None)
+    client.send(GET[20:])
+    response = await client.read_response()
+    client.transport.loseConnection()
+    assert response.status == 404
+    assert fast_path_of(site) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_close_closes_after_fast_response(listen):
+    data = GET.replace(b"\r\n\r\n", b"\r\nConnection: keep-alive, close\r\n\r\n")
+    fast, slow, site = await both_paths(listen, data + GET)
+    assert fast == slow
+    assert fast.count(b"HTTP/1.1 404") == 1
+    assert b"\r\nConnection: close\r\n" in fast
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_requests_counts_fast_and_channel_requests(listen):
+    from desperados import HTTPOptions
+
+    post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+    site = make_test_site(http_options=HTTPOptions(max_requests=3))
+    received, client = await exchange(
+        listen, site, GET + GET + post + GET, heads=(False,) * 3
+    )
+    await client.wait_closed()
+    assert received.count(b"HTTP/1.1 404") == 3
+    assert received.count(b"Connection: close") == 1
+
+
+class _Counting:
+    """
+    A plug that counts its calls and returns what C{respond} returns.
+    """
+
+    def __init__(self, respond) -> None:
+        self.calls = 0
+        self.respond = respond
+
+    def __call__(self, conn, opts):
+        self.calls += 1
+        return self.respond(conn)
+
+
+async def _later_404(conn):
+    await deferLater(reactor, 0, lambda: None)
+    return conn.send_resp(404, "later").halt()
+
+
+async def _stream(conn):
+    conn.send_chunked(200)
+    await conn.chunk("one ")
+    await conn.chunk("two")
+    return conn
+
+
+def _inform_then_404(conn):
+    conn.inform(103, [("link", "</s.css>; rel=preload")])
+    return conn.send_resp(404, "x")
+
+
+def _raise(conn):
+    raise RuntimeError("plug failed")
+
+
+def _unset(conn):
+    return conn
+
+
+def _continue_101(conn):
+    # A 1xx sent whole: twisted.web sends it chunked.
+    return conn.send_resp(100, "")
+
+
+async def _read_empty_body(conn):
+    chunk = await conn.read_body()
+    return conn.send_resp(200, f"{chunk.data!r} {chunk.more}")
+
+
+@pytest.mark.parametrize(
+    ("respond", "status", "fast_path_stays"),
+    [
+        (_later_404, 404, False),
+        (_stream, 200, False),
+        (_inform_then_404, 103, False),
+        (_raise, 500, False),
+        (_unset, 500, False),
+        (_continue_101, 100, False),
+        (_read_empty_body, 200, True),
+    ],
+    ids=["deferred", "chunked", "inform", "raise", "unset", "1xx", "read-body"],
+)
+@pytest_twisted.ensureDeferred
+async def test_pipeline_runs_once_on_either_path(
+    listen, logs, respond, status, fast_path_stays
+):
+    fast_plug = _Counting(respond)
+    fast_site = make_test_site(Builder([fast_plug]), fast=True)
+    fast, fast_client = await exchange(listen, fast_site, GET)
+    slow_plug = _Counting(respond)
+    slow_site = make_test_site(Builder([slow_plug]), fast=False)
+    slow, slow_client = await exchange(listen, slow_site, GET)
+    fast_client.transport.loseConnection()
+    slow_client.transport.loseConnection()
+    assert fast == slow
+    assert fast.startswith(b"HTTP/1.1 %d " % status)
+    assert fast_plug.calls == 1
+    assert (fast_path_of(fast_site) is not None) is fast_path_stays
+
+
+def _send_then_raise(conn, opts):
+    conn.send_resp(404, "sent")
+    raise RuntimeError("after the response")
+
+
+@pytest_twisted.ensureDeferred
+async def test_failure_after_fast_response_is_logged(listen, logs):
+    site = make_test_site(_send_then_raise)
+    received, client = await exchange(listen, site, GET + GET, heads=(False, False))
+    client.transport.loseConnection()
+    assert received.count(b"HTTP/1.1 404 Not Found") == 2
+    failures = [event for event in logs.events if "log_failure" in event]
+    assert len(failures) == 2
+    assert fast_path_of(site) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_line_matches_channel(listen, tmp_path):
+    lines = []
+    for fast in (True, False):
+        path = tmp_path / f"access-{fast}.log"
+        site = make_test_site(fast=fast, access_log=str(path))
+        data = GET.replace(b"\r\n\r\n", b"\r\nReferer: http://r/\r\n\r\n")
+        _, client = await exchange(listen, site, data)
+        client.transport.loseConnection()
+        site.access_log.close()
+        (line,) = path.read_text().splitlines()
+        lines.append(re.sub(r"\[[^]]*\]", "[time]", line))
+    assert lines[0] == lines[1]
+    assert '"GET /a/b?x=1 HTTP/1.1" 404 9 "http://r/" "test"' in lines[0]
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def observe(self, event: str, fields: dict) -> None:
+        self.events.append((event, fields))
+
+
+@pytest_twisted.ensureDeferred
+async def test_fast_response_emits_request_stop(listen):
+    observer = _Events()
+    telemetry.add_observer(observer)
+    try:
+        site = make_test_site()
+        _, client = await exchange(listen, site, GET)
+        client.transport.loseConnection()
+    finally:
+        telemetry.remove_observer(observer)
+    stops = [
+        fields for event, fields in observer.events if event == "http.request.stop"
+    ]
+    assert len(stops) == 1
+    assert stops[0]["method"] == "GET"
+    assert stops[0]["status"] == 404
+    assert fast_path_of(site) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_after_fast_request(listen):
+    site = make_test_site()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", listen(site))
+    client = await connectProtocol(endpoint, RecordingClient())
+    client.send(GET)
+    first = await client.read_response()
+    client.send(upgrade_request("/ws"))
+    upgraded = await client.read_response()
+    client.transport.loseConnection()
+    assert first.status == 404
+    assert upgraded.status == 101
+    assert site.connections == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_closes_after_fast_response(listen):
+    received = []
+    for fast in (True, False):
+        site = make_test_site(fast=fast)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", listen(site))
+        client = await connectProtocol(endpoint, RecordingClient())
+        client.send(GET)
+        await client.read_response()
+        site.plug_resource.draining = True
+        client.send(GET)
+        response = await client.read_response()
+        await client.wait_closed()
+        assert response.header("connection") == "close"
+        received.append(_DATE.sub(b"\r\ndate: -\r\n", client.received))
+    assert received[0] == received[1]
+    assert fast_path_of(site) is None or not fast
+
+
+def test_builder_pipeline_is_served_fast():
+    """
+    A pipeline of plain functions stays on the fast path in memory too.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    site = make_site(Builder(["desperados.plugs.Default"]))
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8082),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+    )
+    protocol = site.buildProtocol(transport.getPeer())
+    protocol.makeConnection(transport)
+    protocol.dataReceived(GET)
+    assert transport.value().startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert protocol.wrappedProtocol.fast_path is not None
+    transport.loseConnection()
