@@ -6,6 +6,8 @@ that stops without losing requests has to do the work itself, after it has
 stopped listening: close idle keep-alive connections, let requests in flight
 finish with C{connection: close}, send HTTP/2 GOAWAY, close WebSockets with
 1001 Going Away, and cut whatever is still open when the drain timeout ends.
+A drain may instead let open WebSockets run until they close on their own,
+and close only those still open at the timeout with 1001.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class Drain:
     :param timeout: seconds to wait before the remaining connections are
         aborted.
     :param reactor: the reactor for the timeout.
+    :param wait_for_websockets: leave the open WebSocket connections running
+        until they close on their own, and close those still open when
+        C{timeout} ends with 1001 instead of aborting them.  By default they
+        are closed with 1001 at once.
     :ivar done: a Deferred that fires once every connection is closed.
     """
 
@@ -51,14 +57,25 @@ class Drain:
         *,
         timeout: float,
         reactor: Any,
+        wait_for_websockets: bool = False,
     ) -> None:
         self._http = list(http)
         self._websockets = websockets
+        self._closing_websockets = not wait_for_websockets
         self.timeout = timeout
         self.done: Deferred[None] = Deferred()
+        if wait_for_websockets:
+            message = (
+                "draining {http} HTTP connections and letting {websockets} "
+                "WebSocket connections finish for at most {timeout} s"
+            )
+        else:
+            message = (
+                "draining {http} HTTP and {websockets} WebSocket connections "
+                "for at most {timeout} s"
+            )
         log.info(
-            "draining {http} HTTP and {websockets} WebSocket connections "
-            "for at most {timeout} s",
+            message,
             http=len(self._http),
             websockets=len(websockets.connections),
             timeout=timeout,
@@ -68,7 +85,10 @@ class Drain:
         for protocol in self._http:
             waits.append(protocol.when_closed())
             _drain_http(protocol)
-        waits.append(websockets.shutdown())
+        if wait_for_websockets:
+            waits.append(websockets.when_all_closed())
+        else:
+            waits.append(websockets.shutdown())
 
         self._timer = reactor.callLater(timeout, self._time_out)
         DeferredList(waits, consumeErrors=True).addCallback(self._finished)
@@ -90,8 +110,39 @@ class Drain:
         )
         _abort(http, websockets)
 
+    def close_websockets(self) -> None:
+        """
+        Close the WebSocket connections that this drain lets finish with 1001 now.
+
+        Nothing happens when this drain has closed them already or is done.
+        """
+        if self._closing_websockets or self.done.called:
+            return
+        self._closing_websockets = True
+        log.info(
+            "closing {websockets} WebSocket connections with 1001",
+            websockets=len(self._websockets.connections),
+        )
+        self._websockets.shutdown()
+
     def _time_out(self) -> None:
         http, websockets = self._still_open()
+        if not self._closing_websockets:
+            # The Close handshake of each WebSocket is bounded by its
+            # close_handshake_timeout, after which Autobahn drops it.
+            log.warn(
+                "drain timed out after {timeout} s: aborting {http} HTTP "
+                "connections and closing {websockets} WebSocket connections "
+                "with 1001",
+                timeout=self.timeout,
+                http=len(http),
+                websockets=len(websockets),
+            )
+            _abort(http, [])
+            self._closing_websockets = True
+            self._websockets.shutdown()
+            return
+
         log.warn(
             "drain timed out after {timeout} s: aborting {http} HTTP and "
             "{websockets} WebSocket connections",

@@ -96,6 +96,7 @@ class DesperadosSite(Site):
         self.connections: dict[HTTPChannel, HTTPChannelSelector] = {}
         self._drains: list[Drain] = []
         self._abort_requested = False
+        self._websocket_close_requested = False
         self.http_options = options
         self.max_body_size = max_body_size
         self.access_log = None
@@ -151,7 +152,12 @@ class DesperadosSite(Site):
         if protocol is not None:
             protocol.untrack()
 
-    def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT) -> Deferred[None]:
+    def drain(
+        self,
+        timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        *,
+        wait_for_websockets: bool = False,
+    ) -> Deferred[None]:
         """
         Close every connection gracefully; call it once the ports are closed.
 
@@ -162,6 +168,9 @@ class DesperadosSite(Site):
         with 1001 Going Away.  Whatever is still open after C{timeout} is
         aborted.
 
+        :param wait_for_websockets: leave open WebSockets running until they
+            close on their own or C{timeout} ends, and only then close them
+            with 1001 and a C{"shutdown"} reason (see L{close_websockets}).
         :returns: a Deferred that fires once every connection is closed.
         """
         resource = self.plug_resource
@@ -171,6 +180,9 @@ class DesperadosSite(Site):
             resource.websockets,
             timeout=timeout,
             reactor=self.reactor,
+            wait_for_websockets=(
+                wait_for_websockets and not self._websocket_close_requested
+            ),
         )
         self._drains.append(drain)
         if self._abort_requested:
@@ -183,7 +195,16 @@ class DesperadosSite(Site):
         """
         self.plug_resource.draining = False
         self._abort_requested = False
+        self._websocket_close_requested = False
         self._drains = [drain for drain in self._drains if not drain.done.called]
+
+    def close_websockets(self) -> None:
+        """
+        Close with 1001 the WebSockets that a drain lets finish, now or once it starts.
+        """
+        self._websocket_close_requested = True
+        for drain in self._drains:
+            drain.close_websockets()
 
     def abort_drain(self) -> None:
         """
@@ -442,11 +463,15 @@ def _stop_listening(ports: Sequence[IListeningPort]) -> Deferred[object]:
 
 
 def _stop_and_drain(
-    site: DesperadosSite, stopped_listening: Deferred[object], timeout: float
+    site: DesperadosSite,
+    stopped_listening: Deferred[object],
+    timeout: float,
+    *,
+    wait_for_websockets: bool = False,
 ) -> Deferred[None]:
     async def drain() -> None:
         await stopped_listening
-        await site.drain(timeout)
+        await site.drain(timeout, wait_for_websockets=wait_for_websockets)
 
     return ensureDeferred(drain())
 
@@ -524,6 +549,10 @@ class DesperadosService(Service):
         abort the connections still open instead of waiting for the drain
         timeout (twistd sets it; a program that embeds the service may have
         its own use for those signals).
+    :ivar wait_for_websockets: when set, stopping the service lets open
+        WebSockets run until they close on their own or C{drain_timeout}
+        ends (see L{DesperadosSite.drain}).  A worker process of
+        C{--workers} sets it when it is replaced.
     """
 
     def __init__(
@@ -544,6 +573,7 @@ class DesperadosService(Service):
         self.plug_name = plug_name
         self.startup_log = startup_log
         self.drain_timeout = drain_timeout
+        self.wait_for_websockets = False
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[object] | None = None
 
@@ -578,7 +608,12 @@ class DesperadosService(Service):
         if self.abort_on_signal:
             self._abort_on_next_signal()
         ports, self.ports = self.ports, []
-        return _stop_and_drain(self.site, _stop_listening(ports), self.drain_timeout)
+        return _stop_and_drain(
+            self.site,
+            _stop_listening(ports),
+            self.drain_timeout,
+            wait_for_websockets=self.wait_for_websockets,
+        )
 
     def _abort_on_next_signal(self) -> None:
         # The reactor's own handlers would call reactor.stop() again, which

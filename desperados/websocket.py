@@ -570,12 +570,22 @@ class WebSocketBridge:
 
         :returns: a Deferred that fires once every connection has ended.
         """
+        ended = self.when_all_closed()
+        for protocol in list(self.connections):
+            protocol.shutdown()
+        return ended
+
+    def when_all_closed(self) -> Deferred[None]:
+        """
+        Return a Deferred that fires once no WebSocket connection is open.
+
+        It fires at once when none is open now.  Connections opened in the
+        meantime delay it too.
+        """
         if not self.connections:
             return succeed(None)
         ended: Deferred[None] = Deferred()
         self._ended_waiters.append(ended)
-        for protocol in list(self.connections):
-            protocol.shutdown()
         return ended
 
     def _connection_ended(self, protocol: HandlerProtocol) -> None:

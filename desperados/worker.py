@@ -7,6 +7,16 @@ C{twistd desperados}.  It serves the same pipeline as a single process would
 on those sockets.  It writes its log events to standard output as JSON for
 the main process, and writes C{ready} to its control descriptor once it
 accepts connections.
+
+Signals from the main process:
+
+ - C{SIGUSR1} (the worker is being replaced): stop accepting, finish the
+   requests in flight, and let open WebSockets run until they close on
+   their own or the drain timeout ends, then close the rest with 1001.
+ - C{SIGTERM} (the server stops): stop accepting, finish the requests in
+   flight, and close WebSockets with 1001 at once.  During a replacement it
+   closes the WebSockets still running with 1001 now.  A second C{SIGTERM}
+   aborts the connections still open.
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ def adopted_endpoint(reactor: Any, spec: str, tls: Any) -> IStreamServerEndpoint
 
 def main(argv: Sequence[str] | None = None) -> None:
     """
-    Run one worker until SIGTERM, then drain and exit.
+    Run one worker until SIGTERM or SIGUSR1, then drain and exit.
     """
     parser = argparse.ArgumentParser(prog="python -m desperados.worker")
     parser.add_argument("--index", type=int, required=True)
@@ -90,33 +100,68 @@ def main(argv: Sequence[str] | None = None) -> None:
         adopted_endpoint(reactor, spec, options.get("tls")) for spec in args.listen_fd
     ]
     service.startup_log = None
+    # This worker handles SIGTERM itself in every phase (see on_sigterm), so
+    # that SIGINT stays ignored while it drains.
+    service.abort_on_signal = False
 
-    stopping = False
+    # "serving", then "retiring" after SIGUSR1 or "stopping" after SIGTERM.
+    phase = "serving"
 
-    def stop_accepting_then_stop() -> None:
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
+    def stop_accepting_then_stop(reason: str) -> None:
         # The main process and the other workers keep the sockets open, so
         # connections still waiting to be accepted go to another worker.
         ports, service.ports = list(service.ports), []
         for port in ports:
             port.stopListening()
-        log.info("worker {index} stopped accepting connections", index=args.index)
+        log.info(
+            "worker {index} stopped accepting connections ({reason})",
+            index=args.index,
+            reason=reason,
+        )
         reactor.callLater(ACCEPT_GRACE, reactor.stop)
 
+    def retire() -> None:
+        nonlocal phase
+        if phase != "serving":
+            return
+        phase = "retiring"
+        service.wait_for_websockets = True
+        stop_accepting_then_stop("replaced")
+
+    def stop() -> None:
+        nonlocal phase
+        if phase == "serving":
+            phase = "stopping"
+            stop_accepting_then_stop("stopping")
+        elif phase == "retiring":
+            # The server stops during a replacement: WebSockets that were
+            # allowed to finish are closed with 1001 now, as in any stop.
+            phase = "stopping"
+            service.wait_for_websockets = False
+            service.site.close_websockets()
+        else:
+            log.info(
+                "worker {index} received SIGTERM while draining", index=args.index
+            )
+            service.site.abort_drain()
+
     def on_sigterm(signum: int, frame: Any) -> None:
-        reactor.callFromThread(stop_accepting_then_stop)
+        reactor.callFromThread(stop)
+
+    def on_sigusr1(signum: int, frame: Any) -> None:
+        reactor.callFromThread(retire)
 
     def start() -> None:
         service.startService()
         # Replaces the handler that reactor.run() installed, which stops at once.
         signal.signal(signal.SIGTERM, on_sigterm)
-        # Ctrl-C in a terminal reaches every process of the group.  The main
-        # process reacts to it by sending SIGTERM, so a worker waits for that
-        # instead of starting a second, competing stop.
+        signal.signal(signal.SIGUSR1, on_sigusr1)
+        # Ctrl-C in a terminal, and a hangup of the terminal, reach every
+        # process of the group.  The main process reacts to SIGINT by
+        # sending SIGTERM and to SIGHUP by replacing the workers, so a worker
+        # waits for that instead of starting a second, competing stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         log.info(
             "worker {index} serving {plug}", index=args.index, plug=options["plug"]
         )

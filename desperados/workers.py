@@ -5,7 +5,9 @@ The main process listens once, never accepts, and hands the listening sockets
 to N worker processes (C{python -m desperados.worker}), which all accept on
 them.  It restarts a worker that dies, with a growing delay, stops all of
 them on SIGTERM, and replaces them one at a time on SIGHUP, so that some
-process is always accepting.
+process is always accepting.  A replaced worker gets SIGUSR1 and lets its
+open WebSockets finish.  A stop sends SIGTERM, which closes them with 1001
+at once (see L{desperados.worker}).
 """
 
 from __future__ import annotations
@@ -147,8 +149,9 @@ class _Worker(ProcessProtocol):
         """
         Send C{SIG<name>} to the worker unless it has already exited.
         """
+        # signalProcess() translates only a few names, not USR1.
         try:
-            self.transport.signalProcess(name)
+            self.transport.signalProcess(getattr(signal, f"SIG{name}"))
         except ProcessExitedAlready:
             pass
 
@@ -314,7 +317,10 @@ class WorkerPool(Service):
         Replace every worker with a new process, one at a time.
 
         Each new worker is started and must be ready before the old one gets
-        SIGTERM and drains, so the sockets always have a worker accepting.
+        SIGUSR1 and drains, so the sockets always have a worker accepting.
+        The old worker finishes its requests in flight and lets its open
+        WebSockets run for up to the drain timeout before it closes them
+        with 1001.
         If a new worker exits before it is ready, the old one keeps serving
         and the replacement stops there.
 
@@ -361,7 +367,7 @@ class WorkerPool(Service):
                 return
             self._failures.pop(index, None)
             old.retiring = True
-            old.signal("TERM")
+            old.signal("USR1")
             log.info(
                 "replaced worker {index}: pid {old_pid} drains, pid {new_pid} serves",
                 index=index,
@@ -382,8 +388,8 @@ class WorkerPool(Service):
                 call.cancel()
         self._restarts.clear()
 
-        # Retiring workers from a replacement are still draining; wait for
-        # them too.
+        # Retiring workers from a replacement are still draining.  SIGTERM
+        # makes them close their WebSockets now, and this waits for them too.
         workers = list(self._live)
         log.info("stopping {count} workers", count=len(workers))
         endings = []

@@ -7,8 +7,12 @@ from __future__ import annotations
 import os
 import time
 
+from twisted.logger import Logger
+
 from desperados import Builder, endpoints
+from desperados.endpoints.websocket import Echo
 from desperados.plugs import Metrics, Websocket
+from desperados.websock import Push, Text
 
 
 def report_pid(conn, opts):
@@ -28,12 +32,39 @@ def report_pid(conn, opts):
     return conn
 
 
-class App(Builder):
+class PidEcho(Echo):
     """
-    The default pipeline with the process id at C{/pid}.
+    The echo handler, which replies to the message C{pid} with the process id.
+
+    It logs the reason of every C{terminate} at info level.
     """
 
-    plugs = [report_pid, Websocket, endpoints.Websocket, endpoints.HTTP]
+    log = Logger()
+
+    def handle_in(self, frame: tuple[bytes, str], state: int) -> Push:
+        if frame == (b"pid", "text"):
+            return Push(Text(str(os.getpid()).encode()), state)
+        return super().handle_in(frame, state)
+
+    def terminate(self, reason, state: int) -> None:
+        self.log.info(
+            "WebSocket handler terminated ({kind}, code {code})",
+            kind=reason.kind,
+            code=reason.code,
+        )
+
+
+class App(Builder):
+    """
+    The default pipeline with the process id at C{/pid} and from WebSockets.
+    """
+
+    plugs = [
+        report_pid,
+        Websocket,
+        (endpoints.Websocket, {"handler": PidEcho()}),
+        endpoints.HTTP,
+    ]
 
 
 class MetricsApp(Builder):

@@ -19,6 +19,7 @@ from twisted.internet.task import deferLater
 
 from desperados import Builder, start_link
 from desperados.endpoints import Websocket
+from desperados.endpoints.websocket import Echo
 from desperados.plugs import Websocket as DetectWebsocket
 from desperados.server import DesperadosService, make_site
 
@@ -372,3 +373,108 @@ async def test_restarted_service_serves_normally():
     await service.stopService()
 
     assert upgraded.status == 101
+
+
+class RecordingEcho(Echo):
+    """
+    The echo handler, recording the reason of every C{terminate}.
+    """
+
+    def __init__(self) -> None:
+        self.reasons: list = []
+
+    def terminate(self, reason, state):
+        self.reasons.append(reason)
+
+
+async def _start_recording(waiting: Waiting):
+    handler = RecordingEcho()
+    pipeline = Builder([DetectWebsocket, (Websocket, {"handler": handler}), waiting])
+    server = await start_link(
+        pipeline, port=0, ip="127.0.0.1", reactor=reactor, startup_log=None
+    )
+    return server, handler
+
+
+async def _reply_to_close(websocket) -> tuple[int, bytes]:
+    # Read the server's Close frame, reply to it, and wait for the TCP close.
+    close_frame = await websocket.read_frame()
+    websocket.send_frame(CLOSE, close_payload(1001))
+    await websocket.wait_closed()
+    return close_frame
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_lets_websocket_finish(logs):
+    waiting = Waiting()
+    server, handler = await _start_recording(waiting)
+    port = server.getHost().port
+    busy = await connect(port)
+    busy.send(GET_SLOW)
+    await waiting.arrived
+    websocket, upgraded = await open_websocket(port)
+
+    await server.stopListening()
+    drained = server.site.drain(60, wait_for_websockets=True)
+    waiting.release_all()
+    response = await busy.read_response()
+    await busy.wait_closed()
+    websocket.send_frame(TEXT, b"still open")
+    echo = await websocket.read_frame()
+    assert not drained.called
+    websocket.send_frame(CLOSE, close_payload(1000))
+    close_reply = await websocket.read_frame()
+    await websocket.wait_closed()
+    await drained
+
+    assert upgraded.status == 101
+    assert response.status == 200
+    assert response.header("connection") == "close"
+    assert echo == (TEXT, b"still open")
+    assert close_reply == (CLOSE, close_payload(1000))
+    [reason] = handler.reasons
+    assert reason.kind == "remote"
+    assert reason.code == 1000
+    [draining] = logs.with_format("letting {websockets} WebSocket connections finish")
+    assert draining["http"] == 1
+    assert draining["websockets"] == 1
+    assert logs.with_format("drain timed out") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_closes_websocket_with_1001_at_timeout(logs):
+    server, handler = await _start_recording(Waiting())
+    websocket, _ = await open_websocket(server.getHost().port)
+
+    await server.stopListening()
+    drained = server.site.drain(0.1, wait_for_websockets=True)
+    close_frame = await _reply_to_close(websocket)
+    await drained
+
+    assert close_frame == (CLOSE, close_payload(1001, b"server shutdown"))
+    [reason] = handler.reasons
+    assert reason.kind == "shutdown"
+    assert reason.code == 1001
+    [timed_out] = logs.with_format("drain timed out")
+    assert "closing {websockets} WebSocket" in timed_out["log_format"]
+    assert timed_out["websockets"] == 1
+    assert timed_out["http"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_websockets_ends_waiting_drain(logs):
+    server, handler = await _start_recording(Waiting())
+    websocket, _ = await open_websocket(server.getHost().port)
+
+    await server.stopListening()
+    drained = server.site.drain(600, wait_for_websockets=True)
+    server.site.close_websockets()
+    close_frame = await _reply_to_close(websocket)
+    await drained
+
+    assert close_frame == (CLOSE, close_payload(1001, b"server shutdown"))
+    [reason] = handler.reasons
+    assert reason.kind == "shutdown"
+    [closing] = logs.with_format("closing {websockets} WebSocket connections")
+    assert closing["websockets"] == 1
+    assert logs.with_format("drain timed out") == []

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from subprocesses import (
     TWISTD,
+    BlockingWebSocket,
     child_env,
     free_port,
     get,
@@ -24,8 +25,11 @@ from subprocesses import (
     wait_for_event,
 )
 
+from support import close_payload
+
 # Starting Python with Twisted and Autobahn takes seconds on a busy machine.
 START_TIMEOUT = 60
+CLOSE = 0x8
 
 pytestmark = pytest.mark.slow
 
@@ -177,6 +181,104 @@ def test_sighup_replaces_workers_without_failed_request(workers):
         if "(pid {pid}) stopped" in e.get("log_format", "")
     }
     assert old_pids <= stopped
+
+
+def _wait_until_replaced(log: Path, old_pid: int) -> None:
+    for count in (1, 2):
+        replaced = wait_for_event(
+            log, "replaced worker {index}", count=count, timeout=START_TIMEOUT
+        )
+        if any(event["old_pid"] == old_pid for event in replaced):
+            return
+
+
+def _events_of(log: Path, fragment: str, pid: int) -> list[dict]:
+    return [
+        event
+        for event in read_events(log)
+        if fragment in event.get("log_format", "") and event.get("worker_pid") == pid
+    ]
+
+
+def test_sighup_lets_open_websocket_finish(workers):
+    process, port, log = workers("--workers=2", "--drain-timeout=10")
+    wait_for_event(log, "worker {index} serving", count=2, timeout=START_TIMEOUT)
+    old_pids = {pids[0] for pids in _worker_pids(log).values()}
+
+    # The socket timeout bounds every read, and is longer than the drain.
+    websocket = BlockingWebSocket(port, timeout=START_TIMEOUT)
+    try:
+        old_pid = int(websocket.ask(b"pid"))
+        os.kill(process.pid, signal.SIGHUP)
+        _wait_until_replaced(log, old_pid)
+        echo_after_replacement = websocket.ask(b"still open")
+        wait_for_event(log, "all workers replaced", timeout=START_TIMEOUT)
+        new_pids = {pids[-1] for pids in _worker_pids(log).values()}
+        fresh = BlockingWebSocket(port, timeout=START_TIMEOUT)
+        fresh_pid = int(fresh.ask(b"pid"))
+        fresh.close()
+        close_frame = websocket.read_frame()
+        websocket.send_close(1001)
+        websocket.wait_closed()
+    finally:
+        websocket.close()
+    wait_for_event(
+        log, "worker {index} (pid {pid}) stopped", count=2, timeout=START_TIMEOUT
+    )
+    stop(process)
+
+    assert websocket.status == 101
+    assert old_pid in old_pids
+    assert echo_after_replacement == b"still open"
+    assert fresh_pid in new_pids
+    assert fresh_pid not in old_pids
+    assert close_frame == (CLOSE, close_payload(1001, b"server shutdown"))
+    [draining] = _events_of(log, "letting {websockets} WebSocket", old_pid)
+    assert draining["websockets"] == 1
+    [timed_out] = _events_of(log, "drain timed out", old_pid)
+    assert timed_out["websockets"] == 1
+    [terminated] = _events_of(log, "WebSocket handler terminated", old_pid)
+    assert terminated["kind"] == "shutdown"
+    assert terminated["code"] == 1001
+
+
+def test_sigterm_closes_websockets_at_once(workers):
+    # The drain timeout is far longer than the socket timeout of the reads
+    # below, so only a Close frame sent when the drain starts arrives in time.
+    process, port, log = workers("--workers=2", "--drain-timeout=600")
+    wait_for_event(log, "worker {index} serving", count=2, timeout=START_TIMEOUT)
+
+    replaced = BlockingWebSocket(port, timeout=START_TIMEOUT)
+    serving = None
+    try:
+        replaced_pid = int(replaced.ask(b"pid"))
+        os.kill(process.pid, signal.SIGHUP)
+        wait_for_event(log, "all workers replaced", timeout=START_TIMEOUT)
+        serving = BlockingWebSocket(port, timeout=START_TIMEOUT)
+        serving_pid = int(serving.ask(b"pid"))
+        echo = replaced.ask(b"still open")
+
+        process.send_signal(signal.SIGTERM)
+        close_frames = []
+        for websocket in (replaced, serving):
+            close_frames.append(websocket.read_frame())
+            websocket.send_close(1001)
+            websocket.wait_closed()
+        returncode = process.wait(timeout=START_TIMEOUT)
+    finally:
+        replaced.close()
+        if serving is not None:
+            serving.close()
+        stop(process)
+
+    assert replaced_pid != serving_pid
+    assert echo == b"still open"
+    assert close_frames == [(CLOSE, close_payload(1001, b"server shutdown"))] * 2
+    for pid in (replaced_pid, serving_pid):
+        [terminated] = _events_of(log, "WebSocket handler terminated", pid)
+        assert terminated["kind"] == "shutdown"
+        assert _events_of(log, "drain timed out", pid) == []
+    assert returncode == -signal.SIGTERM
 
 
 def test_workers_option_is_checked():

@@ -72,7 +72,9 @@ class Options(usage.Options):
             None,
             15.0,
             "Seconds to let requests in flight finish and WebSockets close on "
-            "SIGTERM or SIGINT before the remaining connections are aborted.",
+            "SIGTERM or SIGINT before the remaining connections are aborted. "
+            "A worker replaced on SIGHUP lets its WebSockets run this long, "
+            "then closes them with 1001.",
             float,
         ],
         [
