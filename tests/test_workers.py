@@ -192,6 +192,15 @@ def _wait_until_replaced(log: Path, old_pid: int) -> None:
             return
 
 
+def _wait_until_old_workers_stop_accepting(log: Path) -> None:
+    # The last old worker gets SIGUSR1 when "all workers replaced" is logged,
+    # and may accept one more connection before it handles the signal.
+    wait_for_event(log, "all workers replaced", timeout=START_TIMEOUT)
+    wait_for_event(
+        log, "stopped accepting connections", count=2, timeout=START_TIMEOUT
+    )
+
+
 def _events_of(log: Path, fragment: str, pid: int) -> list[dict]:
     return [
         event
@@ -212,7 +221,7 @@ def test_sighup_lets_open_websocket_finish(workers):
         os.kill(process.pid, signal.SIGHUP)
         _wait_until_replaced(log, old_pid)
         echo_after_replacement = websocket.ask(b"still open")
-        wait_for_event(log, "all workers replaced", timeout=START_TIMEOUT)
+        _wait_until_old_workers_stop_accepting(log)
         new_pids = {pids[-1] for pids in _worker_pids(log).values()}
         fresh = BlockingWebSocket(port, timeout=START_TIMEOUT)
         fresh_pid = int(fresh.ask(b"pid"))
@@ -253,7 +262,7 @@ def test_sigterm_closes_websockets_at_once(workers):
     try:
         replaced_pid = int(replaced.ask(b"pid"))
         os.kill(process.pid, signal.SIGHUP)
-        wait_for_event(log, "all workers replaced", timeout=START_TIMEOUT)
+        _wait_until_old_workers_stop_accepting(log)
         serving = BlockingWebSocket(port, timeout=START_TIMEOUT)
         serving_pid = int(serving.ask(b"pid"))
         echo = replaced.ask(b"still open")
