@@ -5,14 +5,15 @@ Twisted's reactor drops every open connection when it shuts down.  A server
 that stops without losing requests has to do the work itself, after it has
 stopped listening: close idle keep-alive connections, let requests in flight
 finish with C{connection: close}, send HTTP/2 GOAWAY, close WebSockets with
-1001 Going Away, and cut whatever is still open when the drain timeout ends.
+1001 Going Away.  When the drain timeout ends, requests still waiting for
+their pipeline get 503, and whatever else is still open is cut.
 A drain may instead let open WebSockets run until they close on their own,
 and close only those still open at the timeout with 1001.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from hyperframe.frame import GoAwayFrame
@@ -42,11 +43,17 @@ class Drain:
     :param websockets: the bridge that tracks the open WebSocket connections.
     :param timeout: seconds to wait before the remaining connections are
         aborted.
-    :param reactor: the reactor for the timeout.
+    :param reactor: the reactor for the timeouts.
     :param wait_for_websockets: leave the open WebSocket connections running
         until they close on their own, and close those still open when
         C{timeout} ends with 1001 instead of aborting them.  By default they
         are closed with 1001 at once.
+    :param give_up_requests: called when C{timeout} ends, before anything is
+        aborted: it sends 503 to the requests still in flight, or closes
+        those whose response has started, and returns their connections
+        (see C{PlugResource.give_up_requests}).
+    :param close_timeout: seconds that those connections get to send the
+        503 and close before they are aborted too.
     :ivar done: a Deferred that fires once every connection is closed.
     """
 
@@ -58,11 +65,16 @@ class Drain:
         timeout: float,
         reactor: Any,
         wait_for_websockets: bool = False,
+        give_up_requests: Callable[[], list[object]] | None = None,
+        close_timeout: float = 2.0,
     ) -> None:
         self._http = list(http)
         self._websockets = websockets
         self._closing_websockets = not wait_for_websockets
         self.timeout = timeout
+        self._reactor = reactor
+        self._give_up_requests = give_up_requests
+        self._close_timeout = close_timeout
         self.done: Deferred[None] = Deferred()
         if wait_for_websockets:
             message = (
@@ -126,31 +138,51 @@ class Drain:
         self._websockets.shutdown()
 
     def _time_out(self) -> None:
+        closing: list[object] = []
+        if self._give_up_requests is not None:
+            closing = self._give_up_requests()
         http, websockets = self._still_open()
-        if not self._closing_websockets:
+        aborted = [protocol for protocol in http if protocol._channel not in closing]
+        if self._closing_websockets:
+            log.warn(
+                "drain timed out after {timeout} s: gave up on {requests} "
+                "requests in flight, aborting {http} HTTP and {websockets} "
+                "WebSocket connections",
+                timeout=self.timeout,
+                requests=len(closing),
+                http=len(aborted),
+                websockets=len(websockets),
+            )
+            _abort(aborted, websockets)
+        else:
             # The Close handshake of each WebSocket is bounded by its
             # close_handshake_timeout, after which Autobahn drops it.
             log.warn(
-                "drain timed out after {timeout} s: aborting {http} HTTP "
-                "connections and closing {websockets} WebSocket connections "
-                "with 1001",
+                "drain timed out after {timeout} s: gave up on {requests} "
+                "requests in flight, aborting {http} HTTP connections and "
+                "closing {websockets} WebSocket connections with 1001",
                 timeout=self.timeout,
-                http=len(http),
+                requests=len(closing),
+                http=len(aborted),
                 websockets=len(websockets),
             )
-            _abort(http, [])
+            _abort(aborted, [])
             self._closing_websockets = True
             self._websockets.shutdown()
-            return
+        if len(aborted) < len(http):
+            self._timer = self._reactor.callLater(
+                self._close_timeout, self._close_timed_out
+            )
 
+    def _close_timed_out(self) -> None:
+        http, _ = self._still_open()
         log.warn(
-            "drain timed out after {timeout} s: aborting {http} HTTP and "
-            "{websockets} WebSocket connections",
-            timeout=self.timeout,
+            "aborting {http} HTTP connections still open {close_timeout} s "
+            "after the drain gave up on their requests",
             http=len(http),
-            websockets=len(websockets),
+            close_timeout=self._close_timeout,
         )
-        _abort(http, websockets)
+        _abort(http, [])
 
     def _still_open(self) -> tuple[list[HTTPChannelSelector], list[Any]]:
         http = [protocol for protocol in self._http if protocol.tracked]

@@ -5,7 +5,7 @@ PlugResource: the twisted.web resource that runs a plug pipeline.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
 from typing import IO, Any
 from weakref import WeakKeyDictionary
@@ -180,6 +180,33 @@ class PlugResource(Resource):
         self.reactor = self.websockets.reactor
         self.response_timeout = response_timeout
         self.draining = False
+        # The requests whose pipeline is still running, each with the
+        # function that gives up on it (see _wait).
+        self._waiting: dict[Request, Callable[[], None]] = {}
+
+    def give_up_requests(self) -> list[object]:
+        """
+        Give up on every request whose pipeline is still running.
+
+        Each pipeline is cancelled.  A request whose response has not
+        started gets C{503 server is shutting down} (over HTTP/1.1 with
+        C{connection: close}), and a request whose response has started has
+        its HTTP/1.1 connection closed or its HTTP/2 stream reset.  A drain
+        calls this when its timeout ends.
+
+        :returns: the connections that close once the 503 or the cut
+            response is sent: the HTTP/1.1 channel, or the HTTP/2 connection
+            of the stream.  A request whose response was complete before its
+            pipeline returned adds none.
+        """
+        connections = []
+        for request, give_up in list(self._waiting.items()):
+            if not request.finished:
+                channel = request.channel
+                # An HTTP/2 request's channel is its H2Stream.
+                connections.append(getattr(channel, "_conn", channel))
+            give_up()
+        return connections
 
     def render(self, request: Request) -> int:
         # twisted.web's Site sets these before rendering; a plug decides the
@@ -247,20 +274,40 @@ class PlugResource(Resource):
         The timeout bounds the time until the response starts, then the time
         between two writes of a streamed body, so that a long stream that
         makes progress goes on.  C{pending} is cancelled when the client goes
-        away or the response times out; the plug's later writes to the Conn
-        are then ignored, because the request is finished or disconnected.
+        away, the response times out or a drain gives up on the request; the
+        plug's later writes to the Conn are then ignored, because the request
+        is finished or disconnected.
         """
         abandoned = False
         timer = None
         sent_length = 0
 
+        def abandon(body: bytes) -> None:
+            nonlocal abandoned
+            abandoned = True
+            self._waiting.pop(request, None)
+            self._send_error(request, 503, body)
+            pending.cancel()
+
+        def shut_down() -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self.log.info(
+                "gave up on {method} {path} from {remote_ip} at the end of the "
+                "drain: {outcome}",
+                method=conn.method,
+                path=conn.request_path,
+                remote_ip=conn.remote_ip,
+                outcome=_give_up_outcome(request),
+            )
+            abandon(b"server is shutting down")
+
         def time_out() -> None:
-            nonlocal abandoned, timer, sent_length
+            nonlocal timer, sent_length
             if request.startedWriting and request.sentLength > sent_length:
                 sent_length = request.sentLength
                 timer = self.reactor.callLater(self.response_timeout, time_out)
                 return
-            abandoned = True
             self.log.error(
                 "{plug} did not finish {method} {path} within {timeout} s",
                 plug=self._plug.name,
@@ -269,29 +316,32 @@ class PlugResource(Resource):
                 timeout=self.response_timeout,
                 started=bool(request.startedWriting),
             )
-            self._send_error(request, 503, b"service unavailable")
-            pending.cancel()
+            abandon(b"service unavailable")
 
         def client_gone(failure: Failure) -> None:
             # A client that closes its connection early is not an error of
             # ours: stop the plug's work and log nothing.
             nonlocal abandoned
+            self._waiting.pop(request, None)
             if not pending.called:
                 abandoned = True
                 pending.cancel()
 
         def finished(result: Conn) -> None:
+            self._waiting.pop(request, None)
             if timer is not None and timer.active():
                 timer.cancel()
             if not abandoned:
                 self._finish(result, request)
 
         def failed(failure: Failure) -> None:
+            self._waiting.pop(request, None)
             if timer is not None and timer.active():
                 timer.cancel()
             if not (abandoned and failure.check(CancelledError)):
                 self._fail(failure, request, conn)
 
+        self._waiting[request] = shut_down
         if self.response_timeout is not None:
             timer = self.reactor.callLater(self.response_timeout, time_out)
         request.notifyFinish().addErrback(client_gone)
@@ -485,6 +535,14 @@ def _observe_upgrade(request: Request, conn: Conn) -> None:
     site = getattr(request.channel, "site", None)
     if getattr(site, "emits_connection_events", False):
         telemetry.emit("http.connection.upgrade")
+def _give_up_outcome(request: Any) -> str:
+    if request.finished:
+        return "cancelled the pipeline, the response was complete"
+    if request.startedWriting:
+        return "closed the connection mid-response"
+    return "sent 503"
+
+
 async def _awaited(awaitable: Any) -> object:
     return await awaitable
 

@@ -165,8 +165,11 @@ class DesperadosSite(Site):
         answered with C{connection: close}; idle keep-alive connections are
         closed now; HTTP/2 connections get GOAWAY; WebSocket handlers are
         terminated with a C{"shutdown"} reason and their connections closed
-        with 1001 Going Away.  Whatever is still open after C{timeout} is
-        aborted.
+        with 1001 Going Away.  When C{timeout} ends, a request whose pipeline
+        still runs gets 503 with C{connection: close} if its response has
+        not started, and its connection is closed if it has; every other
+        HTTP connection still open is aborted, and those closing after a 503
+        are aborted after C{linger_timeout}.
 
         :param wait_for_websockets: leave open WebSockets running until they
             close on their own or C{timeout} ends, and only then close them
@@ -183,6 +186,8 @@ class DesperadosSite(Site):
             wait_for_websockets=(
                 wait_for_websockets and not self._websocket_close_requested
             ),
+            give_up_requests=resource.give_up_requests,
+            close_timeout=self.http_options.linger_timeout,
         )
         self._drains.append(drain)
         if self._abort_requested:

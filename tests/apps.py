@@ -48,12 +48,30 @@ def slow(conn, opts):
     return deferLater(reactor, seconds, lambda: conn.send_resp(200, b"done").halt())
 
 
+async def slow_stream(conn, opts):
+    """
+    Stream C{/stream}: one chunk at once, the last after C{SLOW_SECONDS}.
+    """
+    if conn.request_path != "/stream":
+        return conn
+    from twisted.internet import reactor
+
+    log.info("slow stream started")
+    seconds = float(os.environ.get("SLOW_SECONDS", "1"))
+    conn.send_chunked(200)
+    await conn.chunk(b"first part")
+    await deferLater(reactor, seconds, lambda: None)
+    await conn.chunk(b"last part")
+    return conn.halt()
+
+
 class SlowApp(Builder):
     """
-    WebSocket echo on every path, C{/slow} answered late, 404 for the rest.
+    WebSocket echo on every path, C{/slow} answered late, C{/stream} streamed
+    slowly, 404 for the rest.
     """
 
-    plugs = [DetectWebsocket, Websocket, slow, HTTP]
+    plugs = [DetectWebsocket, Websocket, slow, slow_stream, HTTP]
 
 
 def twistd_command(*options: str) -> tuple[list[str], dict[str, str]]:

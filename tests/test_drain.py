@@ -112,7 +112,7 @@ async def test_stop_finishes_request_and_closes_websocket(logs):
 
 
 @pytest_twisted.ensureDeferred
-async def test_stop_aborts_connections_after_drain_timeout(logs):
+async def test_drain_timeout_sends_503_to_waiting_request(logs):
     waiting = Waiting()
     server = await _start(waiting)
     port = server.getHost().port
@@ -122,15 +122,56 @@ async def test_stop_aborts_connections_after_drain_timeout(logs):
     websocket, _ = await open_websocket(port)
 
     await server.stop(drain_timeout=0.1)
+    response = await busy.read_response()
     await busy.wait_closed()
     await websocket.wait_closed()
 
-    assert busy.buffer == b""
+    assert response.status == 503
+    assert response.header("connection") == "close"
+    assert response.body == b"server is shutting down"
     [timed_out] = logs.with_format("drain timed out")
-    assert timed_out["http"] == 1
+    assert timed_out["requests"] == 1
+    assert timed_out["http"] == 0
     assert timed_out["websockets"] == 1
+    [gave_up] = logs.with_format("gave up on {method} {path}")
+    assert gave_up["path"] == "/slow"
+    assert gave_up["outcome"] == "sent 503"
+    # The pipeline was cancelled.
     assert waiting.pending[0].called
     assert logs.with_format("did not finish") == []
+
+
+async def _stream_then_wait(conn, opts):
+    """
+    Send the head and one chunk of C{/stream}, then wait for ever.
+    """
+    if conn.request_path != "/stream":
+        return conn
+    conn.send_chunked(200)
+    await conn.chunk(b"first part")
+    await Deferred()
+    return conn
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_timeout_closes_response_in_progress(logs):
+    server = await _start(_stream_then_wait)
+    busy = await connect(server.getHost().port)
+    busy.send(b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = await busy.read_response(head_only=True)
+    first = await busy.read_chunk()
+
+    await server.stop(drain_timeout=0.1)
+    await busy.wait_closed()
+
+    assert head.status == 200
+    assert first == b"first part"
+    # No last chunk: the client can tell that the response is cut.
+    assert b"0\r\n\r\n" not in busy.buffer
+    [timed_out] = logs.with_format("drain timed out")
+    assert timed_out["requests"] == 1
+    [gave_up] = logs.with_format("gave up on {method} {path}")
+    assert gave_up["outcome"] == "closed the connection mid-response"
 
 
 @pytest_twisted.ensureDeferred
@@ -225,6 +266,56 @@ async def test_twistd_drains_on_signal(signal_name):
     assert process.with_format("drain timed out") == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_twistd_drain_timeout_gives_up_requests():
+    """
+    At the end of --drain-timeout, a request without a response gets 503
+    and a response in progress is cut; then twistd exits.
+    """
+    process = await TwistdProcess.start(
+        "--listen=tcp:0:interface=127.0.0.1",
+        "--plug=apps.SlowApp",
+        "--drain-timeout=0.5",
+        env={"SLOW_SECONDS": "60"},
+    )
+    try:
+        port = process.port()
+        waiting = await connect(port)
+        waiting.send(GET_SLOW)
+        await process.wait_for("slow request started")
+        streaming = await connect(port)
+        streaming.send(b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = await streaming.read_response(head_only=True)
+        first = await streaming.read_chunk()
+
+        process.signal("TERM")
+        response = await waiting.read_response()
+        await waiting.wait_closed()
+        await streaming.wait_closed()
+        await _with_timeout(process.ended, 30)
+    finally:
+        process.kill()
+
+    assert response.status == 503
+    assert response.header("connection") == "close"
+    assert response.body == b"server is shutting down"
+    assert head.status == 200
+    assert first == b"first part"
+    assert b"last part" not in streaming.buffer
+    assert process.exit_signal == signal.SIGTERM
+    [timed_out] = process.with_format("drain timed out")
+    assert timed_out["requests"] == 2
+    assert timed_out["http"] == 0
+    outcomes = sorted(
+        (event["path"], event["outcome"])
+        for event in process.with_format("gave up on {method} {path}")
+    )
+    assert outcomes == [
+        ("/slow", "sent 503"),
+        ("/stream", "closed the connection mid-response"),
+    ]
+
+
 async def _with_timeout(deferred: Deferred, seconds: float):
     return await deferred.addTimeout(seconds, reactor)
 
@@ -298,6 +389,27 @@ async def test_stop_sends_goaway_and_finishes_http2_streams(scheme, tls_files, l
     assert final.last_stream_id == slow
     assert final.error_code == 0
     assert logs.with_format("HTTP/2 connection error") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_timeout_sends_503_on_http2_stream(logs):
+    waiting = Waiting()
+    server = await _start(waiting)
+    client = _GoAwayTolerantClient()
+    client.scheme = "http"
+    await connect_protocol(server.getHost().port, client, None, [b"h2"])
+    slow = client.request("/slow")
+    await waiting.arrived
+
+    await server.stop(drain_timeout=0.1)
+    response = await client.response(slow)
+    await client.wait_closed()
+
+    assert response.status == 503
+    assert response.body == b"server is shutting down"
+    [timed_out] = logs.with_format("drain timed out")
+    assert timed_out["requests"] == 1
+    assert timed_out["http"] == 0
 
 
 @pytest_twisted.ensureDeferred
