@@ -40,7 +40,7 @@ from twisted.web.server import unquote
 from desperados import telemetry
 from desperados._logging import observer as log_observer
 from desperados.body import BodyChunk, RequestBody
-from desperados.conn import SET, Conn
+from desperados.conn import SENT, SET, Conn
 from desperados.errors import ClientDisconnectedError
 from desperados.http1 import (
     _FIELD_LINE_BYTES,
@@ -63,6 +63,12 @@ _HANDED_OVER_FIELDS = frozenset(
 )
 
 _HTTP11 = b"HTTP/1.1"
+
+# Field names that passed the token check, in lower case.  The count is
+# capped, as in twisted.web's own name cache, so that a client sending
+# ever new names cannot fill the memory.
+_checked_names: dict[bytes, bytes] = {}
+_MAX_CHECKED_NAMES = 1000
 
 
 class FastPath:
@@ -87,7 +93,9 @@ class FastPath:
         self._transport = transport
         self._local = transport.getHost()
         self._client = transport.getPeer()
-        self._secure = ISSLTransport(transport, None) is not None
+        # CountedConnection provides the interfaces of the transport it
+        # wraps, and providedBy skips zope.interface's adapter hooks.
+        self._secure = ISSLTransport.providedBy(transport)
         self._closed = False
 
     def data_received(self, data: bytes) -> None:
@@ -170,7 +178,9 @@ class FastPath:
 
         persistent = adapter.record.persistent
         channel.served_elsewhere(persistent)
-        resource.complete(result, adapter.record, conn)
+        if type(result) is not Conn or result.state != SENT:
+            # A pending Deferred or a failure after the response was sent.
+            resource.complete(result, adapter.record, conn)
         if not persistent:
             self._closed = True
             channel.loseConnection()
@@ -252,7 +262,7 @@ class _FastAdapter:
         self._data = data
         self._persistent = persistent
         self._body: RequestBody | None = None
-        self.started = perf_counter()
+        self.started = perf_counter() if telemetry.observers else 0.0
         self.record: _SentRequest | None = None
         self.passed_on: Any = None
 
@@ -386,8 +396,10 @@ class _ParsedRequest:
         """
         Return the percent-decoded path segments, as twisted.web's C{postpath}.
         """
-        path = self.uri.partition(b"?")[0]
-        return [unquote(segment) for segment in path[1:].split(b"/")]
+        segments = self.uri.partition(b"?")[0][1:].split(b"/")
+        if b"%" not in self.uri:
+            return segments
+        return [unquote(segment) for segment in segments]
 
 
 class _FieldView:
@@ -436,11 +448,18 @@ def _parse_head(head: bytes, options: HTTPOptions) -> _ParsedRequest | None:
         if len(line) > max_length or line.translate(None, _FIELD_LINE_BYTES):
             return None
         name, colon, value = line.partition(b":")
-        # The token check also rejects obs-fold (a leading space or tab)
-        # and whitespace before the colon.
-        if not colon or not _TOKEN.fullmatch(name):
+        checked = _checked_names.get(name)
+        if checked is None:
+            # The token check also rejects obs-fold (a leading space or tab)
+            # and whitespace before the colon.
+            if not colon or not _TOKEN.fullmatch(name):
+                return None
+            checked = name.lower()
+            if len(_checked_names) < _MAX_CHECKED_NAMES:
+                _checked_names[name] = checked
+        elif not colon:
             return None
-        name = name.lower()
+        name = checked
         if name in _HANDED_OVER_FIELDS:
             return None
         value = value.strip(b" \t")

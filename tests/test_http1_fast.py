@@ -131,6 +131,23 @@ def _no_content(conn, opts):
     return conn.send_resp(204, b"").halt()
 
 
+def _echo_conn(conn, opts):
+    fields = (
+        conn.method,
+        conn.http_version,
+        conn.scheme,
+        conn.host,
+        conn.port,
+        conn.remote_ip,
+        conn.request_path,
+        conn.path_info,
+        conn.script_name,
+        conn.query_string,
+        conn.req_headers,
+    )
+    return conn.send_resp(200, repr(fields)).halt()
+
+
 def _set_only(conn, opts):
     return conn.resp(201, "created")
 
@@ -156,9 +173,15 @@ def _set_only(conn, opts):
             (False,),
         ),
         (GET, _no_content, (False,)),
+        (
+            b"GET /%41%2541/b%2Fc//d?q=%41&r HTTP/1.1\r\nHost: [::1]:8080\r\n"
+            b"X-B: 1\r\nAccept:  */* \r\nx-b: 2\r\n\r\n",
+            _echo_conn,
+            (False,),
+        ),
         (GET, _set_only, (False,)),
     ],
-    ids=["get", "head", "pipelined", "gzip", "no-content", "resp-only"],
+    ids=["get", "head", "pipelined", "gzip", "no-content", "conn-fields", "resp-only"],
 )
 @pytest_twisted.ensureDeferred
 async def test_fast_path_sends_channel_bytes(listen, data, plug, heads):
