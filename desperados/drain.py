@@ -235,6 +235,9 @@ def _drain_h2(channel: H2Connection) -> None:
     # ourselves, naming the last stream this server will respond to, and close
     # for real once those streams are done.
     last_stream_id = channel.conn.highest_inbound_stream_id
+    refuse_streams_after = getattr(channel, "refuse_streams_after", None)
+    if refuse_streams_after is not None:
+        refuse_streams_after(last_stream_id)
     channel.transport.write(GoAwayFrame(0, last_stream_id=last_stream_id).serialize())
 
     streams = list(channel._streamCleanupCallbacks.values())

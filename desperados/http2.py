@@ -73,6 +73,8 @@ class H2Connection(_TwistedH2Connection):
     - A SETTINGS change that opens the send windows resumes waiting streams.
     - A response complete before its request body resets the stream with
       NO_ERROR, where upstream raised KeyError on the next DATA frame.
+    - After a graceful GOAWAY (see L{refuse_streams_after}), streams the
+      client opens with a higher ID are reset with REFUSED_STREAM.
 
     It also runs a request that can stream its body (one with
     C{headReceived}, such as desperados' C{StreamingRequest}) as soon as
@@ -137,9 +139,72 @@ class H2Connection(_TwistedH2Connection):
         if transport is not None and transport.disconnecting:
             transport.unregisterProducer()
 
+    # Streams opened after a graceful GOAWAY
+
+    _last_stream_id: int | None = None
+    _refused_count = 0
+
+    def refuse_streams_after(self, last_stream_id: int) -> None:
+        """
+        Refuse every stream the client opens with an ID above C{last_stream_id}.
+
+        Call it when a GOAWAY with that last stream ID is sent while h2's
+        state machine stays open for the streams that finish (see
+        C{desperados.drain}), because h2 would accept new streams then.  RFC
+        9113 section 6.8 lets the server leave such streams unprocessed,
+        and RST_STREAM with REFUSED_STREAM means that the client can retry
+        the request on another connection.
+        """
+        self._last_stream_id = last_stream_id
+
+    def _is_refused(self, stream_id: int) -> bool:
+        last = self._last_stream_id
+        return last is not None and stream_id > last
+
+    def _refuse_stream(self, stream_id: int) -> None:
+        self._refused_count += 1
+        if self._refused_count == 1:
+            # Once per connection: a client may open many streams.
+            self._desperados_log.info(
+                "refused HTTP/2 stream {stream_id} from {peer} and any later "
+                "one: opened after GOAWAY with last stream {last_stream_id}",
+                stream_id=stream_id,
+                peer=_peer_of(self.transport),
+                last_stream_id=self._last_stream_id,
+            )
+        self.conn.reset_stream(
+            stream_id, error_code=h2.errors.ErrorCodes.REFUSED_STREAM
+        )
+
+    # Events on refused streams: no H2Stream exists for them.
+
+    def _requestDataReceived(self, event: Any) -> None:
+        if self._is_refused(event.stream_id):
+            # Give the bytes back to the connection's flow-control window.
+            self.conn.acknowledge_received_data(
+                event.flow_controlled_length, event.stream_id
+            )
+            return
+        super()._requestDataReceived(event)
+
+    def _requestEnded(self, event: Any) -> None:
+        if not self._is_refused(event.stream_id):
+            super()._requestEnded(event)
+
+    def _requestAborted(self, event: Any) -> None:
+        if not self._is_refused(event.stream_id):
+            super()._requestAborted(event)
+
+    def _handlePriorityUpdate(self, event: Any) -> None:
+        if not self._is_refused(event.stream_id):
+            super()._handlePriorityUpdate(event)
+
     # Streamed request bodies
 
     def _requestReceived(self, event: Any) -> None:
+        if self._is_refused(event.stream_id):
+            self._refuse_stream(event.stream_id)
+            return
         super()._requestReceived(event)
         # Upstream dispatches a request when its stream ends, so the whole
         # body is buffered first.  A request that reads its body as it

@@ -9,6 +9,7 @@ import signal
 import pytest
 import pytest_twisted
 from http2_support import H2Client, connect_protocol
+from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame
 from support import close_payload, connect, open_websocket, upgrade_request
 from twistd_process import TwistdProcess
@@ -410,6 +411,45 @@ async def test_drain_timeout_sends_503_on_http2_stream(logs):
     [timed_out] = logs.with_format("drain timed out")
     assert timed_out["requests"] == 1
     assert timed_out["http"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_streams_after_goaway_are_refused(logs):
+    """
+    RFC 9113 section 6.8: a stream with an ID above the GOAWAY's last
+    stream ID is refused with REFUSED_STREAM, and the earlier one finishes.
+    """
+    waiting = Waiting()
+    server = await _start(waiting)
+    client = _GoAwayTolerantClient()
+    client.auto_window_update = False
+    await connect_protocol(server.getHost().port, client, None, [b"h2"])
+    slow = client.request("/slow")
+    await waiting.arrived
+
+    stopped = server.stop(drain_timeout=30)
+    await client.wait_for(lambda: client.frames_of(GoAwayFrame))
+    late = [client.request("/fast"), client.request("/fast")]
+    await client.wait_for(
+        lambda: all(client.responses[stream].reset_code is not None for stream in late)
+    )
+    waiting.release_all()
+    response = await client.response(slow)
+    await client.wait_closed()
+    await stopped
+
+    [goaway] = client.frames_of(GoAwayFrame)[:1]
+    assert goaway.last_stream_id == slow
+    assert all(stream > slow for stream in late)
+    for stream in late:
+        assert client.responses[stream].reset_code == ErrorCodes.REFUSED_STREAM
+        assert client.responses[stream].headers == []
+    assert response.status == 200
+    assert response.body == b"done"
+    assert logs.with_format("HTTP/2 connection error") == []
+    [refused] = logs.with_format("refused HTTP/2 stream")
+    assert refused["stream_id"] == late[0]
+    assert refused["last_stream_id"] == slow
 
 
 @pytest_twisted.ensureDeferred
