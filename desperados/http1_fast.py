@@ -3,9 +3,9 @@ The HTTP/1.1 fast path: simple requests served without twisted.web's Request.
 
 L{FastPath} parses a whole request head in one pass straight into a Conn,
 runs the pipeline and writes the response with one C{transport.write}.  It
-serves HTTP/1.1 requests without a body, an C{Expect} or an C{Upgrade}
-header, whose response is sent whole (C{Conn.send_resp}) before the
-pipeline returns.  Everything else goes to the connection's
+serves the HTTP/1.1 requests without a body (or with C{Content-Length: 0}),
+C{Expect} or C{Upgrade} whose response is sent whole (C{Conn.send_resp})
+before the pipeline returns.  Everything else goes to the connection's
 L{desperados.request.StreamingChannel} in one of two ways:
 
   - A request head that is incomplete, invalid or not served here is
@@ -56,8 +56,9 @@ from desperados.response import wire_response
 
 log = Logger(namespace="desperados.http1_fast", observer=log_observer)
 
-# Header fields after which the channel has to serve the request: a body,
-# 100-continue, and protocol switches (WebSocket, h2c).
+# Header fields after which the channel has to serve the request: a body
+# (unless Content-Length is 0), 100-continue, and protocol switches
+# (WebSocket, h2c).
 _HANDED_OVER_FIELDS = frozenset(
     [b"content-length", b"transfer-encoding", b"expect", b"upgrade"]
 )
@@ -460,9 +461,12 @@ def _parse_head(head: bytes, options: HTTPOptions) -> _ParsedRequest | None:
         elif not colon:
             return None
         name = checked
-        if name in _HANDED_OVER_FIELDS:
-            return None
         value = value.strip(b" \t")
+        if name in _HANDED_OVER_FIELDS and not (
+            # One Content-Length of 0 is a request without a body.
+            name == b"content-length" and value == b"0" and name not in fields
+        ):
+            return None
         values = fields.get(name)
         if values is None:
             fields[name] = [value]

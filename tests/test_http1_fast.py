@@ -174,6 +174,12 @@ def _set_only(conn, opts):
         ),
         (GET, _no_content, (False,)),
         (
+            b"POST /p HTTP/1.1\r\nHost: a:81\r\nContent-Length: 0\r\n\r\n"
+            + GET.replace(b"127.0.0.1", b"b:82"),
+            _echo_conn,
+            (False, False),
+        ),
+        (
             b"GET /%41%2541/b%2Fc//d?q=%41&r HTTP/1.1\r\nHost: [::1]:8080\r\n"
             b"X-B: 1\r\nAccept:  */* \r\nx-b: 2\r\n\r\n",
             _echo_conn,
@@ -181,7 +187,16 @@ def _set_only(conn, opts):
         ),
         (GET, _set_only, (False,)),
     ],
-    ids=["get", "head", "pipelined", "gzip", "no-content", "conn-fields", "resp-only"],
+    ids=[
+        "get",
+        "head",
+        "pipelined",
+        "gzip",
+        "no-content",
+        "empty-post",
+        "conn-fields",
+        "resp-only",
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_fast_path_sends_channel_bytes(listen, data, plug, heads):
@@ -200,6 +215,7 @@ async def test_fast_path_sends_channel_bytes(listen, data, plug, heads):
         b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\nX: 1\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
     ],
     ids=[
         "two-hosts",
@@ -209,6 +225,7 @@ async def test_fast_path_sends_channel_bytes(listen, data, plug, heads):
         "http2",
         "bare-lf",
         "gzip-te",
+        "two-lengths",
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -226,9 +243,10 @@ async def test_invalid_head_gets_channel_error(listen, data):
         b"GET http://other/x HTTP/1.1\r\nHost: a\r\n\r\n",
         b"GET / HTTP/1.0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 00\r\n\r\n",
         b"\r\n" + GET,
     ],
-    ids=["absolute-form", "http-1.0", "body", "leading-empty-line"],
+    ids=["absolute-form", "http-1.0", "body", "length-00", "leading-empty-line"],
 )
 @pytest_twisted.ensureDeferred
 async def test_other_requests_are_handed_over(listen, data):
