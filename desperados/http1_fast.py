@@ -177,11 +177,13 @@ class FastPath:
             resource.complete(result, adapter.passed_on, conn)
             return False
 
-        persistent = adapter.record.persistent
+        record = adapter.record
+        assert record is not None
+        persistent = record.persistent
         channel.served_elsewhere(persistent)
         if type(result) is not Conn or result.state != SENT:
             # A pending Deferred or a failure after the response was sent.
-            resource.complete(result, adapter.record, conn)
+            resource.complete(result, record, conn)
         if not persistent:
             self._closed = True
             channel.loseConnection()

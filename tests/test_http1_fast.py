@@ -328,6 +328,10 @@ def _raise(conn):
     raise RuntimeError("plug failed")
 
 
+async def _raise_without_waiting(conn):
+    raise RuntimeError("plug failed")
+
+
 def _unset(conn):
     return conn
 
@@ -349,11 +353,21 @@ async def _read_empty_body(conn):
         (_stream, 200, False),
         (_inform_then_404, 103, False),
         (_raise, 500, False),
+        (_raise_without_waiting, 500, False),
         (_unset, 500, False),
         (_continue_101, 100, False),
         (_read_empty_body, 200, True),
     ],
-    ids=["deferred", "chunked", "inform", "raise", "unset", "1xx", "read-body"],
+    ids=[
+        "deferred",
+        "chunked",
+        "inform",
+        "raise",
+        "raise-async",
+        "unset",
+        "1xx",
+        "read-body",
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_pipeline_runs_once_on_either_path(
