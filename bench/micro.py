@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "servers"))
 
@@ -100,6 +102,23 @@ def http_case(site: object, count: int) -> float:
     return elapsed / count
 
 
+def new_connection_case(site: object, count: int) -> float:
+    """
+    Seconds of CPU per connection that sends one request with
+    C{connection: close}, gets 404 and is closed: setup, request, teardown.
+    """
+    request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    start = time.process_time()
+    for index in range(count):
+        protocol, transport = connect(site)
+        protocol.dataReceived(request)
+        answer = transport.value()
+        if index % 64 == 0 and not answer.startswith(b"HTTP/1.1 404"):
+            raise RuntimeError(f"expected a 404 response, got {answer[:200]!r}")
+        protocol.connectionLost(Failure(ConnectionDone()))
+    return (time.process_time() - start) / count
+
+
 def websocket_case(site: object, size: int, count: int) -> float:
     """
     Seconds of CPU per echoed text message of C{size} bytes.
@@ -124,6 +143,7 @@ def websocket_case(site: object, size: int, count: int) -> float:
 
 CASES = {
     "http": (("desperados", "twisted", "autobahn"), lambda site, n: http_case(site, n), 4000),
+    "http-new": (("desperados", "twisted"), lambda site, n: new_connection_case(site, n), 2000),
     "ws16": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16, n), 8000),
     "ws16k": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16384, n), 3000),
 }
@@ -162,7 +182,7 @@ def main() -> int:
             found[f"{name} {case}"] = figures[name]
         if args.json:
             continue
-        base_name = "twisted" if case == "http" else "autobahn"
+        base_name = "twisted" if case.startswith("http") else "autobahn"
         base = figures[base_name]
         text = ", ".join(f"{name} {value:.1f}" for name, value in figures.items())
         print(f"{case:6} {text}; desperados/{base_name} {figures['desperados'] / base:.2f}")

@@ -662,6 +662,7 @@ def _record(results: dict, failures: dict, server: Server, cell: str, job) -> No
 
 MICRO_CASES = {
     "http": ("HTTP 404, keep-alive", "twisted"),
+    "http-new": ("HTTP 404, new connection per request", "twisted"),
     "ws16": ("WebSocket echo, 16 B text", "autobahn"),
     "ws16k": ("WebSocket echo, 16 KiB text", "autobahn"),
 }
