@@ -124,6 +124,10 @@ class FastPath:
         """
         Give the rest of the connection, starting with C{data}, to the channel.
         """
+        # NOTE: the connection never comes back to the fast path, so a
+        # pipeline that waits on a Deferred for every request (or streams
+        # every response) gets no gain: only its first head is parsed here,
+        # and then twice.
         self._selector.fast_path = None
         if data:
             self._channel.dataReceived(data)
