@@ -71,6 +71,15 @@ class BodyTooLargeError(DesperadosError):
     status = 413
 
 
+class ExpectationFailedError(DesperadosError):
+    """
+    The request's Expect header has an expectation other than
+    C{100-continue}; the request gets 417.
+    """
+
+    status = 417
+
+
 class ClientDisconnectedError(DesperadosError):
     """
     The client closed the connection, so the response cannot be sent.

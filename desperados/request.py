@@ -17,8 +17,13 @@ from twisted.web.server import Request
 
 from desperados._logging import observer as log_observer
 from desperados.body import RequestBody
-from desperados.errors import BodyTooLargeError, ClientDisconnectedError
-from desperados.http1 import DesperadosChannel
+from desperados.errors import (
+    BodyTooLargeError,
+    ClientDisconnectedError,
+    DesperadosError,
+    ExpectationFailedError,
+)
+from desperados.http1 import DesperadosChannel, _check_expect
 
 DEFAULT_MAX_BODY_SIZE = 8_000_000
 """Largest request body accepted by default, in bytes (Plug's default read length)."""
@@ -142,8 +147,17 @@ class StreamingRequest(Request):
             self.continue_expected = version in (_HTTP11, _HTTP2) and any(
                 value.lower() == b"100-continue" for value in expect
             )
+        if version == _HTTP2:
+            # The HTTP/1.1 channel checks Expect before the request exists.
+            reason = _check_expect(self.requestHeaders)
+            if reason is not None:
+                self._reject_before_pipeline(ExpectationFailedError(reason))
+                return
         if body.too_large:
-            self._reject_body_too_large(body)
+            error = BodyTooLargeError(
+                f"request body larger than the maximum of {body.max_size} bytes"
+            )
+            self._reject_before_pipeline(error)
             return
         self.process()
 
@@ -210,10 +224,7 @@ class StreamingRequest(Request):
             self.responseHeaders.setRawHeaders(b"connection", [b"close"])
             self.channel.persistent = False
 
-    def _reject_body_too_large(self, body: RequestBody) -> None:
-        error = BodyTooLargeError(
-            f"request body larger than the maximum of {body.max_size} bytes"
-        )
+    def _reject_before_pipeline(self, error: DesperadosError) -> None:
         self.log.info(
             "rejected {method} {path} from {remote_ip} with {status}: {reason}",
             method=self.method.decode("latin-1"),
@@ -222,7 +233,8 @@ class StreamingRequest(Request):
             status=error.status,
             reason=str(error),
         )
-        body.fail(error)
+        if self.body is not None:
+            self.body.fail(error)
         message = str(error).encode("utf-8")
         self.setResponseCode(error.status)
         self.responseHeaders = Headers()

@@ -481,6 +481,30 @@ async def test_declared_body_over_limit_gets_413(serve, transport):
     assert after.body.startswith(b"5 ")
 
 
+@pytest_twisted.ensureDeferred
+async def test_unknown_expectation_gets_417(serve, transport, logs):
+    """
+    RFC 9110 section 10.1.1 applies to HTTP/2 too: only 100-continue.
+    """
+    port = await serve(_digest_body, **_server_options(transport))
+    client = await connect_h2(port, transport)
+
+    expect = client.request(
+        "/expect", method="POST", headers=[("expect", "bogus")], body=b"x"
+    )
+    rejected = await client.response(expect)
+    after = await client.response(
+        client.request("/after", method="POST", body=b"small")
+    )
+    client.transport.loseConnection()
+
+    assert rejected.status == 417
+    assert rejected.body == b"unsupported Expect header, expected '100-continue'"
+    assert after.status == 200
+    [event] = logs.with_format("rejected {method} {path}")
+    assert event["status"] == 417
+
+
 # Streamed responses
 
 
