@@ -480,6 +480,26 @@ async def test_silent_tls_client_is_aborted(serve, tls_files, logs):
     assert event["timeout"] == 0.2
 
 
+# Twisted 26.10's ssl: parser hands pyOpenSSL X509 and PKey objects to
+# OpenSSL, which pyOpenSSL 26 deprecates.
+@pytest.mark.filterwarnings("ignore:Passing pyOpenSSL .* objects:DeprecationWarning")
+@pytest_twisted.ensureDeferred
+async def test_silent_client_on_ssl_description_is_aborted(serve, tls_files, logs):
+    description = (
+        f"ssl:0:interface=127.0.0.1:privateKey={tls_files.keyfile}"
+        f":certKey={tls_files.certfile}"
+    )
+    port = await serve(
+        listen=description, http_options=HTTPOptions(tls_handshake_timeout=0.2)
+    )
+    client = await connect(port)
+
+    await bounded(client.wait_closed())
+
+    assert client.buffer == b""
+    assert len(logs.with_format(HANDSHAKE_TIMED_OUT)) == 1
+
+
 @pytest_twisted.ensureDeferred
 async def test_half_client_hello_is_aborted(serve, tls_files, logs):
     port = await serve_tls(serve, tls_files, tls_handshake_timeout=0.2)
