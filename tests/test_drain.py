@@ -429,7 +429,11 @@ async def test_streams_after_goaway_are_refused(logs):
 
     stopped = server.stop(drain_timeout=30)
     await client.wait_for(lambda: client.frames_of(GoAwayFrame))
-    late = [client.request("/fast"), client.request("/fast")]
+    # The second one's HEADERS and DATA arrive together, before the reset.
+    late = [
+        client.request("/fast"),
+        client.request("/fast", method="POST", body=b"late body"),
+    ]
     await client.wait_for(
         lambda: all(client.responses[stream].reset_code is not None for stream in late)
     )
