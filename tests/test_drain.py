@@ -14,7 +14,7 @@ from hyperframe.frame import Frame, GoAwayFrame
 from support import close_payload, connect, open_websocket, upgrade_request
 from twistd_process import TwistdProcess
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 
@@ -390,6 +390,51 @@ async def test_stop_sends_goaway_and_finishes_http2_streams(scheme, tls_files, l
     assert final.last_stream_id == slow
     assert final.error_code == 0
     assert logs.with_format("HTTP/2 connection error") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_timeout_cancels_pipeline_after_response(logs):
+    """
+    A pipeline that goes on after its response is complete is cancelled
+    too, when the drain is still waiting for another request at its end.
+    """
+    cancelled = []
+
+    async def plug(conn, opts):
+        if conn.request_path == "/sent":
+            conn.send_resp(200, b"sent")
+        try:
+            await Deferred()
+        except CancelledError:
+            cancelled.append(conn.request_path)
+            raise
+        return conn
+
+    server = await _start(plug)
+    port = server.getHost().port
+    sent = await connect(port)
+    sent.send(b"GET /sent HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    response = await sent.read_response()
+    holding = await connect(port)
+    holding.send(GET_SLOW)
+    await _requests_in_flight(server, 1)
+
+    await server.stop(drain_timeout=0.1)
+    refused = await holding.read_response()
+
+    assert response.status == 200
+    assert response.body == b"sent"
+    assert refused.status == 503
+    assert sorted(cancelled) == ["/sent", "/slow"]
+    outcomes = {
+        event["path"]: event["outcome"]
+        for event in logs.with_format("gave up on {method} {path}")
+    }
+    assert outcomes == {
+        "/sent": "cancelled the pipeline, the response was complete",
+        "/slow": "sent 503",
+    }
+    assert [event for event in logs.events if event.get("log_failure")] == []
 
 
 @pytest_twisted.ensureDeferred
