@@ -225,7 +225,13 @@ class FastPath:
             persistent = False
         encode_name = _nameEncoder.encode
         for name, value in headers:
-            fields.setdefault(encode_name(name), []).append(value.encode("latin-1"))
+            encoded = value.encode("latin-1")
+            if b"\r" in encoded or b"\n" in encoded:
+                # put_resp_header rejects line breaks, but a plug can append
+                # to resp_headers directly.  twisted.web's Headers replaces
+                # each one with a space, so that no value starts a header.
+                encoded = b" ".join(encoded.splitlines())
+            fields.setdefault(encode_name(name), []).append(encoded)
 
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
         for name, values in fields.items():

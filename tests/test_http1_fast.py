@@ -152,6 +152,13 @@ def _set_only(conn, opts):
     return conn.resp(201, "created")
 
 
+def _line_break_in_header(conn, opts):
+    # resp_headers is a public list, so a plug can bypass put_resp_header's
+    # check.  twisted.web's Headers replaces each line break with a space.
+    conn.resp_headers.append(("x-split", "a\r\nInjected: 1\nb\rc"))
+    return conn.send_resp(200, "x").halt()
+
+
 @pytest.mark.parametrize(
     ("data", "plug", "heads"),
     [
@@ -186,6 +193,7 @@ def _set_only(conn, opts):
             (False,),
         ),
         (GET, _set_only, (False,)),
+        (GET + GET, _line_break_in_header, (False, False)),
     ],
     ids=[
         "get",
@@ -196,12 +204,14 @@ def _set_only(conn, opts):
         "empty-post",
         "conn-fields",
         "resp-only",
+        "line-break-in-header",
     ],
 )
 @pytest_twisted.ensureDeferred
 async def test_fast_path_sends_channel_bytes(listen, data, plug, heads):
     fast, slow, site = await both_paths(listen, data, plug, heads=heads)
     assert fast == slow
+    assert b"\r\nInjected:" not in fast
     assert fast_path_of(site) is not None
 
 
