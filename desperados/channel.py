@@ -7,9 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from zope.interface import implementer
 
+from desperados.http1 import ConnectionLimit, handshake_timed_out
 from desperados.http1_fast import FastPath
 from desperados.http2 import H2Connection
 from desperados.request import StreamingChannel
@@ -20,6 +23,7 @@ from desperados.resource import PlugResource
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
+@implementer(IHandshakeListener)
 class HTTPChannelSelector(_GenericHTTPChannelProtocol):
     """
     Start every connection as HTTP/1.1 and switch it to HTTP/2 when asked.
@@ -33,7 +37,11 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
     L{H2Connection}, which carries the HTTP/2 corrections.
 
     It also registers itself with its Site so that a drain can find the
-    idle connections and those with a request in flight (see L{track}).
+    idle connections and those with a request in flight (see L{track}),
+    and counts itself in its C{connection_limit} while it is connected.
+    Over TLS it aborts the connection when the handshake is not complete
+    within the limit's C{tls_handshake_timeout}: Twisted's TLS protocol
+    calls L{handshakeCompleted} on the protocol it wraps, which is this one.
 
     :ivar first_channel: the HTTPChannel this protocol started with, the key
         in the Site's registry; C{_channel} becomes an H2Connection after
@@ -46,6 +54,12 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
     fast_path: FastPath | None = None
     """The server of the simple HTTP/1.1 requests until it hands over to
     C{_channel}, or None."""
+
+    connection_limit: ConnectionLimit | None = None
+    """The Site's count of open connections, set by L{ConnectionLimit.build}."""
+
+    _counted = False
+    _handshake_call: Any = None
 
     def __init__(self, channel: HTTPChannel) -> None:
         super().__init__(channel)
@@ -91,11 +105,53 @@ class HTTPChannelSelector(_GenericHTTPChannelProtocol):
         self._closed.append(closed)
         return closed
 
+    def makeConnection(self, transport: Any) -> None:
+        limit = self.connection_limit
+        if limit is not None:
+            limit.add()
+            self._counted = True
+            timeout = limit.tls_handshake_timeout
+            if timeout is not None and ISSLTransport.providedBy(transport):
+                self._handshake_call = limit.reactor.callLater(
+                    timeout, self._handshake_timed_out, transport, timeout
+                )
+        super().makeConnection(transport)
+
+    def handshakeCompleted(self) -> None:
+        self._cancel_handshake_timeout()
+
+    def take_connection_count(self) -> ConnectionLimit | None:
+        """
+        Stop counting this connection here and return the limit that counts it.
+
+        The caller, a protocol that takes the connection over, must call the
+        limit's C{remove} once the connection is lost.  Returns None if this
+        protocol does not count the connection.
+        """
+        if not self._counted:
+            return None
+        self._counted = False
+        return self.connection_limit
+
     def connectionLost(self, reason: Failure) -> None:
+        self._cancel_handshake_timeout()
         try:
             self._channel.connectionLost(reason)
         finally:
             self.untrack()
+            if self._counted:
+                self._counted = False
+                assert self.connection_limit is not None
+                self.connection_limit.remove()
+
+    def _handshake_timed_out(self, transport: Any, timeout: float) -> None:
+        self._handshake_call = None
+        handshake_timed_out(transport, timeout)
+
+    def _cancel_handshake_timeout(self) -> None:
+        call, self._handshake_call = self._handshake_call, None
+        if call is not None and call.active():
+            call.cancel()
 
     def dataReceived(self, data: bytes) -> None:
         fast_path = self.fast_path

@@ -16,10 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import (
     HTTPChannel,
@@ -27,7 +26,6 @@ from twisted.web.http import (
     _MalformedChunkedDataError,
     datetimeToString,
 )
-from zope.interface import implementer
 
 from desperados._logging import observer as log_observer
 
@@ -827,9 +825,10 @@ class ConnectionLimit:
     """
     Counts a Site's open connections and rejects those beyond its limit.
 
-    Each connection is counted by a L{CountedConnection} around its
-    protocol, so it stays counted after a WebSocket hand-off, which replaces
-    the protocol under the wrapper, and after ALPN selects HTTP/2.
+    The protocols that L{build} returns count themselves: they call L{add}
+    once connected and L{remove} once lost.  L{desperados.channel.HTTPChannelSelector}
+    does, and a WebSocket hand-off moves the count to the WebSocket
+    protocol, which calls L{remove} when the connection is lost.
 
     :param limit: the maximum number of open connections, or None for no limit.
     :param reactor: the reactor that schedules the abort of rejected ones.
@@ -854,7 +853,9 @@ class ConnectionLimit:
 
     def build(self, build_protocol: Any, addr: Any) -> Any:
         """
-        Return a counted protocol from C{build_protocol(addr)}, or one that rejects.
+        Return C{build_protocol(addr)}, or a protocol that rejects the connection.
+
+        The protocol built gets this limit as its C{connection_limit}.
         """
         if self.limit is not None and self.count >= self.limit:
             if self._rejected_count == 0:
@@ -865,12 +866,21 @@ class ConnectionLimit:
                 )
             self._rejected_count += 1
             return _RejectedConnection(self.reactor, self._linger_timeout)
-        return CountedConnection(self, build_protocol(addr))
+        protocol = build_protocol(addr)
+        if protocol is not None:
+            protocol.connection_limit = self
+        return protocol
 
-    def registerProtocol(self, protocol: ProtocolWrapper) -> None:
+    def add(self) -> None:
+        """
+        Count a connection that is now open.
+        """
         self.count += 1
 
-    def unregisterProtocol(self, protocol: ProtocolWrapper) -> None:
+    def remove(self) -> None:
+        """
+        Stop counting a connection that L{add} counted, once it is lost.
+        """
         self.count -= 1
         if self._rejected_count and self.count < (self.limit or 0):
             log.info(
@@ -882,56 +892,17 @@ class ConnectionLimit:
             self._rejected_count = 0
 
 
-@implementer(IHandshakeListener)
-class CountedConnection(ProtocolWrapper):
+def handshake_timed_out(transport: Any, timeout: float) -> None:
     """
-    The wrapper around each connection's protocol that keeps it counted.
-
-    It provides the interfaces of the transport it wraps, TLS included.  A
-    protocol that takes the connection over should use C{self.transport},
-    the transport under this wrapper, as its own: Autobahn reads the TLS
-    details only from a real TLS transport.
-
-    Over TLS it also aborts the connection when the handshake is not
-    complete within the limit's C{tls_handshake_timeout}.  Twisted's TLS
-    protocol calls L{handshakeCompleted} on the protocol it wraps, which is
-    this one.
+    Abort a TLS connection whose handshake took more than C{timeout} seconds.
     """
-
-    factory: ConnectionLimit
-    _handshake_call: Any = None
-
-    def makeConnection(self, transport: Any) -> None:
-        super().makeConnection(transport)
-        timeout = self.factory.tls_handshake_timeout
-        if timeout is not None and ISSLTransport.providedBy(transport):
-            self._handshake_call = self.factory.reactor.callLater(
-                timeout, self._handshake_timed_out, timeout
-            )
-
-    def handshakeCompleted(self) -> None:
-        self._cancel_handshake_timeout()
-        if IHandshakeListener.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.handshakeCompleted()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_handshake_timeout()
-        super().connectionLost(reason)
-
-    def _handshake_timed_out(self, timeout: float) -> None:
-        self._handshake_call = None
-        log.info(
-            "closing the connection from {peer}: the TLS handshake timed out "
-            "after {timeout} seconds",
-            peer=_peer_address(self.transport),
-            timeout=timeout,
-        )
-        self.transport.abortConnection()
-
-    def _cancel_handshake_timeout(self) -> None:
-        call, self._handshake_call = self._handshake_call, None
-        if call is not None and call.active():
-            call.cancel()
+    log.info(
+        "closing the connection from {peer}: the TLS handshake timed out "
+        "after {timeout} seconds",
+        peer=_peer_address(transport),
+        timeout=timeout,
+    )
+    transport.abortConnection()
 
 
 class _RejectedConnection(Protocol):

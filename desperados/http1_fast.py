@@ -94,8 +94,8 @@ class FastPath:
         self._transport = transport
         self._local = transport.getHost()
         self._client = transport.getPeer()
-        # CountedConnection provides the interfaces of the transport it
-        # wraps, and providedBy skips zope.interface's adapter hooks.
+        # providedBy skips zope.interface's adapter hooks, which
+        # request.isSecure goes through.
         self._secure = ISSLTransport.providedBy(transport)
         self._closed = False
 

@@ -24,6 +24,7 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -33,7 +34,7 @@ from desperados import telemetry, websock
 from desperados._logging import observer as log_observer
 from desperados.deflate import RatioLimitedDeflate
 from desperados.errors import BadRequestError
-from desperados.http1 import CountedConnection, _peer_address
+from desperados.http1 import _peer_address
 from desperados.interfaces import IWebSockControl
 from desperados.websock import (
     Binary,
@@ -90,6 +91,9 @@ class HandlerProtocol(WebSocketServerProtocol):
 
     upgrade: WebSocketUpgrade
     bridge: WebSocketBridge
+    # The Site's connection limit, whose count this protocol ends when the
+    # connection is lost (see WebSocketBridge.hand_off), or None.
+    connection_limit: Any = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -175,6 +179,14 @@ class HandlerProtocol(WebSocketServerProtocol):
         if abort and self._close_sent_in_read:
             abort = False
         super().dropConnection(abort)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            limit, self.connection_limit = self.connection_limit, None
+            if limit is not None:
+                limit.remove()
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -629,15 +641,14 @@ class WebSocketBridge:
         channel.transport = None
         transport.unregisterProducer()
         if isinstance(transport, ProtocolWrapper):
-            # TLS or the Site's connection counter: the channel's transport
-            # is a wrapper that passes the data it receives on.
+            # TLS: the channel's transport is a wrapper that passes the data
+            # it receives on.
             transport.wrappedProtocol = protocol
         else:
             transport.protocol = protocol
-        if isinstance(transport, CountedConnection):
-            # The counter stays in the chain, so the connection stays
-            # counted; Autobahn gets the TLS or TCP transport under it.
-            transport = transport.transport
+        # The HTTP protocol gets no connectionLost for this connection now,
+        # so the new protocol ends its count in the Site's connection limit.
+        protocol.connection_limit = _take_connection_count(channel)
         protocol.makeConnection(transport)
 
         # The peer may have sent frames right behind its handshake.  Bytes
@@ -661,6 +672,17 @@ class WebSocketBridge:
             factory = _make_factory(options)
             self._factories[options] = factory
         return factory
+
+
+def _take_connection_count(channel: Any) -> Any:
+    """
+    Return the connection limit that counts C{channel}'s connection, moved
+    off its HTTP protocol, or None.
+    """
+    connections = getattr(channel.site, "connections", None)
+    selector = connections.get(channel) if connections is not None else None
+    take = getattr(selector, "take_connection_count", None)
+    return take() if take is not None else None
 
 
 def _make_factory(options: WebSocketOptions) -> WebSocketServerFactory:

@@ -15,7 +15,7 @@ from typing import TypeVar
 import pytest
 import pytest_twisted
 from http2_support import connect_raw_tls
-from support import RawClient, Response, connect, upgrade_request
+from support import RawClient, Response, close_payload, connect, upgrade_request
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -292,6 +292,30 @@ async def test_websocket_counts_against_connection_limit(serve):
     assert rejected.status == 503
     websocket.transport.loseConnection()
     await bounded(websocket.wait_closed())
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_websocket_frees_connection_slot(serve):
+    """
+    The count of a WebSocket connection ends when the server closes it.
+    """
+    port = await serve(http_options=HTTPOptions(max_connections=1))
+    websocket = await connect(port)
+    websocket.send(upgrade_request())
+    upgraded = await bounded(websocket.read_response())
+    websocket.send_frame(0x8, close_payload(1000))
+    close_reply = await bounded(websocket.read_frame())
+    # The server closes TCP after the closing handshake.
+    await bounded(websocket.wait_closed())
+
+    other = await connect(port)
+    other.send(_request(HOST))
+    served = await bounded(other.read_response())
+
+    assert upgraded.status == 101
+    assert close_reply == (0x8, close_payload(1000))
+    assert served.status == 404
+    other.transport.loseConnection()
 
 
 @pytest.mark.parametrize(
@@ -1241,7 +1265,7 @@ def _connect_in_memory(
     protocol = site.buildProtocol(transport.getPeer())
     transport.protocol = protocol
     protocol.makeConnection(transport)
-    return protocol.wrappedProtocol._channel, transport, clock
+    return protocol._channel, transport, clock
 
 
 def test_paused_body_timeout_does_not_fire():

@@ -506,5 +506,5 @@ def test_builder_pipeline_is_served_fast():
     protocol.makeConnection(transport)
     protocol.dataReceived(GET)
     assert transport.value().startswith(b"HTTP/1.1 404 Not Found\r\n")
-    assert protocol.wrappedProtocol.fast_path is not None
+    assert protocol.fast_path is not None
     transport.loseConnection()
