@@ -275,7 +275,9 @@ class _FastAdapter:
         self._data = data
         self._persistent = persistent
         self._body: RequestBody | None = None
-        self.started = perf_counter() if telemetry.observers else 0.0
+        self.started: float | None = (
+            perf_counter() if telemetry.observers else None
+        )
         self.record: _SentRequest | None = None
         self.passed_on: Any = None
 
@@ -325,12 +327,15 @@ class _FastAdapter:
                 self._request, conn, body, self._persistent
             )
             if self.record is not None:
-                if telemetry.observers:
+                # As on the channel, only a request that began with an
+                # observer is observed.
+                started = self.started
+                if started is not None and telemetry.observers:
                     telemetry.emit(
                         "http.request.stop",
                         method=conn.method,
                         status=conn.status,
-                        duration=perf_counter() - self.started,
+                        duration=perf_counter() - started,
                     )
                 return
         self._channel_adapter(conn).send_resp(conn, body)

@@ -456,6 +456,41 @@ async def test_fast_response_emits_request_stop(listen):
     assert fast_path_of(site) is not None
 
 
+class _ObserveFromNow:
+    """
+    A plug that adds its observer while it handles a request.
+    """
+
+    def __init__(self) -> None:
+        self.observer = _Events()
+
+    def __call__(self, conn, opts):
+        telemetry.add_observer(self.observer)
+        return conn.send_resp(200, "x").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_observer_added_mid_request_sees_next(listen):
+    observed = {}
+    for fast in (True, False):
+        plug = _ObserveFromNow()
+        site = make_test_site(Builder([plug]), fast=fast)
+        try:
+            _, client = await exchange(listen, site, GET)
+            first = list(plug.observer.events)
+            client.send(GET)
+            await client.read_response()
+            client.transport.loseConnection()
+        finally:
+            telemetry.remove_observer(plug.observer)
+        observed[fast] = (first, plug.observer.events)
+    # The channel observes only the requests that began with an observer.
+    for fast in (True, False):
+        first, events = observed[fast]
+        assert first == [], fast
+        assert [event for event, _ in events] == ["http.request.stop"], fast
+
+
 @pytest_twisted.ensureDeferred
 async def test_websocket_after_fast_request(listen):
     site = make_test_site()
