@@ -89,6 +89,13 @@ class StreamingRequest(Request):
             message = reason_phrase(code)
         super().setResponseCode(code, message)
 
+    def _handleStar(self) -> None:  # noqa: N802
+        # twisted.web's Request.process answers OPTIONS * here without
+        # rendering PlugResource, which removes the Server header that
+        # process set from every other response.
+        self.responseHeaders.removeHeader(b"server")
+        super()._handleStar()
+
     def gotLength(self, length: int | None) -> None:
         # twisted.web would open a BytesIO or a temporary file here.
         self.content = None
