@@ -90,7 +90,7 @@ class StreamingRequest(Request):
         super().setResponseCode(code, message)
 
     def _handleStar(self) -> None:  # noqa: N802
-        # twisted.web's Request.process answers OPTIONS * here without
+        # twisted.web's Request.process responds to OPTIONS * here, without
         # rendering PlugResource, which removes the Server header that
         # process set from every other response.
         self.responseHeaders.removeHeader(b"server")
