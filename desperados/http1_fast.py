@@ -169,7 +169,8 @@ class FastPath:
             result = _settled(plug.call(conn, plug.state))
             if adapter.is_fresh() and type(result) is Conn and result.state == SET:
                 result.send_resp()
-        except Exception:
+        except BaseException:
+            # As PlugResource.render: the plug's failure gets a 500.
             result = Failure()
 
         if adapter.is_fresh():

@@ -233,7 +233,10 @@ class PlugResource(Resource):
             _observe_request(request, conn)
         try:
             result = self._plug.call(conn, self._plug.state)
-        except Exception:
+        except BaseException:
+            # Not only Exception: a Deferred turns any BaseException, such
+            # as asyncio.CancelledError, into a failure, so a plug that
+            # raises one at once gets the same 500 as a coroutine would.
             self._fail(Failure(), request, conn)
             return NOT_DONE_YET
         self.complete(result, request, conn)
@@ -379,7 +382,7 @@ class PlugResource(Resource):
         if conn.state == SET:
             try:
                 conn.send_resp()
-            except Exception:
+            except BaseException:
                 # A before-send callback raised.
                 self._fail(Failure(), request, conn)
             return

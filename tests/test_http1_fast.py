@@ -338,6 +338,15 @@ def _raise(conn):
     raise RuntimeError("plug failed")
 
 
+class _PlugAborted(BaseException):
+    pass
+
+
+def _raise_base(conn):
+    # Twisted's Deferred and Request.process catch BaseException too.
+    raise _PlugAborted("plug aborted")
+
+
 async def _raise_without_waiting(conn):
     raise RuntimeError("plug failed")
 
@@ -364,6 +373,7 @@ async def _read_empty_body(conn):
         (_inform_then_404, 103, False),
         (_raise, 500, False),
         (_raise_without_waiting, 500, False),
+        (_raise_base, 500, False),
         (_unset, 500, False),
         (_continue_101, 100, False),
         (_read_empty_body, 200, True),
@@ -374,6 +384,7 @@ async def _read_empty_body(conn):
         "inform",
         "raise",
         "raise-async",
+        "raise-base-exception",
         "unset",
         "1xx",
         "read-body",
@@ -393,6 +404,8 @@ async def test_pipeline_runs_once_on_either_path(
     slow_client.transport.loseConnection()
     assert fast == slow
     assert fast.startswith(b"HTTP/1.1 %d " % status)
+    if status == 500:
+        assert b"\r\nConnection: close\r\n" in fast
     assert fast_plug.calls == 1
     assert (fast_path_of(fast_site) is not None) is fast_path_stays
 
