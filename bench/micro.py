@@ -9,7 +9,11 @@ C{time.process_time}, so the figure is the server's own CPU time per request
 or message and moves much less than a loopback benchmark when other
 processes share the machine.  Cases run for desperados and for the
 hand-written twisted.web and Autobahn code in bench/servers/twisted_web.py.
-C{--profile CASE} prints a cProfile of one case instead.
+C{--profile CASE} prints a cProfile of one case instead.  C{--run CASE
+--count N} runs one case N times after a short warm-up, for instruction
+counts: the difference between two runs under C{valgrind --tool=callgrind}
+with different counts, divided by the difference in counts, is the number of
+instructions per request or message.
 """
 
 from __future__ import annotations
@@ -154,8 +158,18 @@ def main() -> int:
     parser.add_argument("--profile", help="cProfile one case, such as desperados:ws16")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per case; the median is shown")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--run", help="time one case once, such as desperados:ws16")
+    parser.add_argument("--count", type=int, default=1000, help="number of requests or messages that --run times")
     args = parser.parse_args()
     all_sites = sites()
+
+    if args.run:
+        name, _, case = args.run.partition(":")
+        _, run, _ = CASES[case]
+        run(all_sites[name], 200)
+        seconds = run(all_sites[name], args.count)
+        print(f"{args.run}: {seconds * 1e6:.1f} microseconds of CPU each")
+        return 0
 
     if args.profile:
         name, _, case = args.profile.partition(":")

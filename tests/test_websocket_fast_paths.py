@@ -1,9 +1,10 @@
 """
 The shortcuts desperados takes around Autobahn's per-frame work.
 
-HandlerProtocol unmasks short frames in Python and checks a text frame that
-is a whole message with one decode; these tests hold them to what Autobahn's
-own masker and incremental validator do.
+HandlerProtocol unmasks short frames in Python, checks a text frame that is
+a whole message with one decode, and delivers whole messages without
+Autobahn's frame parser; these tests hold them to what Autobahn's own
+masker, incremental validator and parser do.
 """
 
 from __future__ import annotations
@@ -15,12 +16,33 @@ import pytest_twisted
 from autobahn.websocket.xormasker import create_xor_masker
 from support import encode_frame, open_websocket
 
-from desperados.websocket import _PYTHON_MASKER_LIMIT, _PythonMasker
+from desperados import Builder, endpoints
+from desperados.plugs import Websocket
+from desperados.websocket import _PYTHON_MASKER_LIMIT, HandlerProtocol, _PythonMasker
 
 TEXT = 0x1
 BINARY = 0x2
 CONTINUATION = 0x0
 CLOSE = 0x8
+PING = 0x9
+PONG = 0xA
+
+
+@pytest.fixture(params=["whole messages", "autobahn parser"])
+def both_frame_parsers(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """
+    Run a test with whole messages taken by HandlerProtocol, then with every
+    frame left to Autobahn's parser.
+    """
+    if request.param == "autobahn parser":
+        monkeypatch.setattr(HandlerProtocol, "_between_messages", lambda self: False)
+    return request.param
+
+
+def echo_pipeline(**options: object) -> Builder:
+    return Builder([Websocket, (endpoints.Websocket, options)])
 
 
 def close_code(payload: bytes) -> int:
@@ -122,3 +144,138 @@ async def test_fragmented_text_split_code_point_echoes(serve):
     client.transport.loseConnection()
 
     assert echo == (TEXT, b"a" + horse + b"b")
+
+
+@pytest_twisted.ensureDeferred
+async def test_mixed_frames_in_one_read_echo(serve, both_frame_parsers):
+    port = await serve()
+    client, _ = await open_websocket(port)
+    frames = [
+        encode_frame(TEXT, b"one"),
+        encode_frame(BINARY, b"\x00\xff" * 8),
+        encode_frame(PING, b"ping payload"),
+        encode_frame(TEXT, b""),
+        encode_frame(TEXT, "žluť".encode() * 4000),
+        encode_frame(BINARY, b"b" * 70000),
+        encode_frame(TEXT, b"frag", fin=False),
+        encode_frame(CONTINUATION, b"mented"),
+        encode_frame(TEXT, b"last"),
+    ]
+
+    client.send(b"".join(frames))
+    echoes = [await client.read_frame() for _ in range(8)]
+    client.transport.loseConnection()
+
+    assert echoes == [
+        (TEXT, b"one"),
+        (BINARY, b"\x00\xff" * 8),
+        (PONG, b"ping payload"),
+        (TEXT, b""),
+        (TEXT, "žluť".encode() * 4000),
+        (BINARY, b"b" * 70000),
+        (TEXT, b"fragmented"),
+        (TEXT, b"last"),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_frame_split_across_reads_echoes(serve, both_frame_parsers):
+    port = await serve()
+    client, _ = await open_websocket(port)
+    whole = encode_frame(TEXT, b"whole")
+    split = encode_frame(BINARY, b"split" * 100)
+
+    client.send(whole + split[:7])
+    first = await client.read_frame()
+    client.send(split[7:])
+    second = await client.read_frame()
+    client.transport.loseConnection()
+
+    assert first == (TEXT, b"whole")
+    assert second == (BINARY, b"split" * 100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_frame_after_messages_closes_1009(serve, both_frame_parsers):
+    port = await serve(echo_pipeline(max_frame_size=100))
+    client, _ = await open_websocket(port)
+
+    client.send(
+        encode_frame(BINARY, b"x" * 100)
+        + encode_frame(TEXT, b"ok")
+        + encode_frame(BINARY, b"x" * 101)
+        + encode_frame(TEXT, b"never echoed")
+    )
+    first = await client.read_frame()
+    second = await client.read_frame()
+    opcode, close = await client.read_frame()
+    client.transport.loseConnection()
+
+    assert first == (BINARY, b"x" * 100)
+    assert second == (TEXT, b"ok")
+    assert opcode == CLOSE
+    assert close_code(close) == 1009
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_message_closes_1009(serve, both_frame_parsers):
+    port = await serve(echo_pipeline(max_message_size=1000, max_frame_size=2000))
+    client, _ = await open_websocket(port)
+
+    client.send(encode_frame(TEXT, b"ok") + encode_frame(TEXT, b"x" * 1001))
+    echo = await client.read_frame()
+    opcode, close = await client.read_frame()
+    client.transport.loseConnection()
+
+    assert echo == (TEXT, b"ok")
+    assert opcode == CLOSE
+    assert close_code(close) == 1009
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_utf8_after_messages_closes_1007(serve, both_frame_parsers):
+    port = await serve()
+    client, _ = await open_websocket(port)
+
+    client.send(
+        encode_frame(TEXT, b"fine")
+        + encode_frame(TEXT, b"bad \xff")
+        + encode_frame(TEXT, b"never echoed")
+    )
+    echo = await client.read_frame()
+    opcode, close = await client.read_frame()
+    client.transport.loseConnection()
+
+    assert echo == (TEXT, b"fine")
+    assert opcode == CLOSE
+    assert close_code(close) == 1007
+
+
+@pytest_twisted.ensureDeferred
+async def test_unmasked_frame_after_message_closes_1002(serve, both_frame_parsers):
+    port = await serve()
+    client, _ = await open_websocket(port)
+    unmasked = bytes([0x81, 0x02]) + b"no"
+
+    client.send(encode_frame(TEXT, b"masked") + unmasked)
+    echo = await client.read_frame()
+    opcode, close = await client.read_frame()
+    client.transport.loseConnection()
+
+    assert echo == (TEXT, b"masked")
+    assert opcode == CLOSE
+    assert close_code(close) == 1002
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_utf8_passes_unvalidated(serve, both_frame_parsers):
+    port = await serve(echo_pipeline(validate_utf8=False))
+    client, _ = await open_websocket(port)
+
+    client.send(encode_frame(TEXT, b"bad \xff") + encode_frame(TEXT, b"next"))
+    first = await client.read_frame()
+    second = await client.read_frame()
+    client.transport.loseConnection()
+
+    assert first == (TEXT, b"bad \xff")
+    assert second == (TEXT, b"next")
