@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 from desperados import telemetry
 from desperados._logging import observer as log_observer
 from desperados.body import BodyChunk
-from desperados.builder import PlugSpec, compile_plug
+from desperados.builder import PlugSpec, _not_a_conn, compile_plug
 from desperados.compression import Compression, compression_option, start_compression
 from desperados.conn import CHUNKED, SENT, SET, UNSET, UPGRADED, Conn
 from desperados.errors import BadRequestError, ClientDisconnectedError, DesperadosError
@@ -258,17 +258,24 @@ class PlugResource(Resource):
             # A Builder turns its plugs' coroutines into Deferreds, but a
             # single plug mounted on its own returns its coroutine as is.
             result = ensureDeferred(_awaited(result))
-        if isinstance(result, Deferred) and not result.called:
-            self._wait(result, request, conn)
-        elif isinstance(result, Deferred):
+        # A Builder checks that each of its plugs returns a Conn, and this
+        # checks a single plug mounted on its own.
+        name = self._plug.name
+        if isinstance(result, Deferred):
+            result.addCallback(_expect_conn, name)
+            if not result.called:
+                self._wait(result, request, conn)
+                return
             result.addCallbacks(
                 self._finish,
                 self._fail,
                 callbackArgs=(request,),
                 errbackArgs=(request, conn),
             )
+        elif isinstance(result, Conn):
+            self._finish(result, request)
         else:
-            self._finish(result, request)  # type: ignore[arg-type]
+            self._fail(Failure(TypeError(_not_a_conn(name, result))), request, conn)
 
     def _wait(self, pending: Deferred[Conn], request: Request, conn: Conn) -> None:
         """
@@ -548,6 +555,12 @@ def _give_up_outcome(request: Any) -> str:
 
 async def _awaited(awaitable: Any) -> object:
     return await awaitable
+
+
+def _expect_conn(result: object, name: str) -> Conn:
+    if not isinstance(result, Conn):
+        raise TypeError(_not_a_conn(name, result))
+    return result
 
 
 def _close_after_response(request: Request) -> None:

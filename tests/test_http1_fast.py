@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from support import RawClient, upgrade_request
 from twisted.internet import reactor
+from twisted.internet.defer import succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
@@ -408,6 +409,36 @@ async def test_pipeline_runs_once_on_either_path(
         assert b"\r\nConnection: close\r\n" in fast
     assert fast_plug.calls == 1
     assert (fast_path_of(fast_site) is not None) is fast_path_stays
+
+
+def _return_none(conn, opts):
+    return None
+
+
+def _return_fired_none(conn, opts):
+    return succeed(None)
+
+
+async def _return_none_later(conn, opts):
+    await deferLater(reactor, 0, lambda: None)
+
+
+@pytest.mark.parametrize(
+    "plug",
+    [_return_none, _return_fired_none, _return_none_later],
+    ids=["none", "fired-deferred", "coroutine"],
+)
+@pytest_twisted.ensureDeferred
+async def test_plug_returning_no_conn_gets_500(listen, logs, plug):
+    """
+    A single plug, not a Builder, whose result is not a Conn.
+    """
+    fast, slow, _ = await both_paths(listen, GET, plug)
+    assert fast == slow
+    assert fast.startswith(b"HTTP/1.1 500 ")
+    assert b"\r\nConnection: close\r\n" in fast
+    errors = logs.with_format("raised while handling")
+    assert len(errors) == 2
 
 
 def _send_then_raise(conn, opts):
