@@ -28,10 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "servers"))
 
@@ -70,11 +74,65 @@ def masked_text_frame(payload: bytes) -> bytes:
     return head + MASK + masked
 
 
+# The Deferreds that the async servers below wait on, fired by async_case.
+PENDING: list[Deferred] = []
+
+
+async def async_404(conn, opts):
+    """
+    Answer 404 after waiting once on a Deferred, as on a callLater(0).
+    """
+    waiting = Deferred()
+    PENDING.append(waiting)
+    await waiting
+    return conn.send_resp(404, "not found").halt()
+
+
+async def mixed_404(conn, opts):
+    """
+    Answer 404, after waiting once on a Deferred for the path /slow only.
+    """
+    if conn.request_path == "/slow":
+        waiting = Deferred()
+        PENDING.append(waiting)
+        await waiting
+    return conn.send_resp(404, "not found").halt()
+
+
+class AsyncNotFound(Resource):
+    """
+    The twisted.web floor of async_404: 404 once a Deferred fires.
+    """
+
+    isLeaf = True
+
+    def render(self, request):
+        def finish(_):
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.write(b"not found")
+            request.finish()
+
+        waiting = Deferred()
+        waiting.addCallback(finish)
+        PENDING.append(waiting)
+        return NOT_DONE_YET
+
+
 def sites() -> dict[str, object]:
+    channel_only = make_site(async_404)
+    channel_only.http1_fast_path = False
+    channel_mixed = make_site(mixed_404)
+    channel_mixed.http1_fast_path = False
     return {
         "desperados": make_site(),
         "twisted": twisted_web.QuietSite(twisted_web.NotFound()),
         "autobahn": twisted_web.QuietSite(twisted_web.NotFoundOrWebSocket()),
+        "desperados-async": make_site(async_404),
+        "channel-async": channel_only,
+        "twisted-async": twisted_web.QuietSite(AsyncNotFound()),
+        "desperados-mixed": make_site(mixed_404),
+        "channel-mixed": channel_mixed,
     }
 
 
@@ -123,6 +181,33 @@ def new_connection_case(site: object, count: int) -> float:
     return (time.process_time() - start) / count
 
 
+def async_case(site: object, count: int, every: int = 1) -> float:
+    """
+    Seconds of CPU per keep-alive request answered with 404, where every
+    C{every}th request goes to the path /slow.  The servers wait once on a
+    Deferred, which this loop fires after the request, for all requests
+    (async_404, AsyncNotFound) or for /slow (mixed_404).
+    """
+    slow = REQUEST.replace(b"/some/path?x=1", b"/slow")
+    protocol, transport = connect(site)
+    start = time.process_time()
+    for index in range(count):
+        protocol.dataReceived(slow if index % every == 0 else REQUEST)
+        for waiting in PENDING:
+            waiting.callback(None)
+        PENDING.clear()
+        if index % 64 == 0:
+            if not transport.value().startswith(b"HTTP/1.1 404"):
+                raise RuntimeError(f"unexpected answer: {transport.value()[:200]!r}")
+            transport.clear()
+            # A running reactor drops the cancelled response timeouts from
+            # its queue of timed calls; this loop runs none otherwise.
+            reactor.runUntilCurrent()
+    elapsed = time.process_time() - start
+    transport.loseConnection()
+    return elapsed / count
+
+
 def websocket_case(site: object, size: int, count: int) -> float:
     """
     Seconds of CPU per echoed text message of C{size} bytes.
@@ -148,6 +233,16 @@ def websocket_case(site: object, size: int, count: int) -> float:
 CASES = {
     "http": (("desperados", "twisted", "autobahn"), lambda site, n: http_case(site, n), 4000),
     "http-new": (("desperados", "twisted"), lambda site, n: new_connection_case(site, n), 2000),
+    "http-async": (
+        ("desperados-async", "channel-async", "twisted-async"),
+        lambda site, n: async_case(site, n),
+        3000,
+    ),
+    "http-mixed": (
+        ("desperados-mixed", "channel-mixed"),
+        lambda site, n: async_case(site, n, every=4),
+        4000,
+    ),
     "ws16": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16, n), 8000),
     "ws16k": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16384, n), 3000),
 }
@@ -196,10 +291,14 @@ def main() -> int:
             found[f"{name} {case}"] = figures[name]
         if args.json:
             continue
-        base_name = "twisted" if case.startswith("http") else "autobahn"
+        first = names[0]
+        if case in ("http-async", "http-mixed"):
+            base_name = names[-1]
+        else:
+            base_name = "twisted" if case.startswith("http") else "autobahn"
         base = figures[base_name]
         text = ", ".join(f"{name} {value:.1f}" for name, value in figures.items())
-        print(f"{case:6} {text}; desperados/{base_name} {figures['desperados'] / base:.2f}")
+        print(f"{case:6} {text}; {first}/{base_name} {figures[first] / base:.2f}")
     if args.json:
         print(json.dumps(found))
     return 0

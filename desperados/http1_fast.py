@@ -10,14 +10,17 @@ L{desperados.request.StreamingChannel} in one of two ways:
 
   - A request head that is incomplete, invalid or not served here is
     handed over before the pipeline runs, together with every byte that
-    follows it.  The channel serves the rest of the connection, and sends
-    its own error response for an invalid head.
+    follows it.  The channel sends its own error response for an invalid
+    head and closes the connection.
   - A request whose pipeline needs more than C{send_resp} (a Deferred that
     has not fired, a streamed or file response, an informational response,
     an upgrade, a failure) is passed on while it runs.  The channel parses
     the same head again, and the bridge puts the new twisted.web request
     under the running Conn instead of running the pipeline twice (see
     L{desperados.resource.PlugResource.render}).
+
+Once the channel has no request in flight and no byte buffered, it gives
+a persistent connection back to this path (L{FastPath.take_back}).
 
 The responses are those of the channel: the same status line, header order
 and header name case, C{Date}, C{connection: close} rules, access-log line
@@ -26,10 +29,11 @@ and telemetry.
 
 from __future__ import annotations
 
+from inspect import iscoroutine
 from time import perf_counter, time
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -65,6 +69,13 @@ _HANDED_OVER_FIELDS = frozenset(
 
 _HTTP11 = b"HTTP/1.1"
 
+# The channel keeps a connection for good once it has given it back this
+# many times in a row and each time the next request was handed over again.
+# Such a request has its head parsed twice, so a connection whose every
+# request needs the channel (a pipeline that always waits on a Deferred)
+# pays that twice and then costs what it costs without this path.
+_MAX_FUTILE_RETURNS = 2
+
 # Field names that passed the token check, in lower case.  The count is
 # capped, as in twisted.web's own name cache, so that a client sending
 # ever new names cannot fill the memory.
@@ -81,7 +92,7 @@ class FastPath:
 
     :param selector: the connection's
         L{desperados.channel.HTTPChannelSelector}, whose C{fast_path}
-        L{hand_over} sets to None.
+        L{hand_over} sets to None and L{take_back} sets to this path again.
     :param channel: the connection's HTTP/1.1 channel, already connected.
     """
 
@@ -98,6 +109,10 @@ class FastPath:
         # request.isSecure goes through.
         self._secure = ISSLTransport.providedBy(transport)
         self._closed = False
+        # Whether the channel gave the connection back and no request has
+        # been served here since.
+        self._returned = False
+        self._futile_returns = 0
 
     def data_received(self, data: bytes) -> None:
         """
@@ -122,15 +137,29 @@ class FastPath:
 
     def hand_over(self, data: bytes) -> None:
         """
-        Give the rest of the connection, starting with C{data}, to the channel.
+        Give the connection, starting with C{data}, to the channel until it is idle.
+
+        The channel calls L{take_back} once it has no request in flight
+        and nothing buffered, unless the connection came back
+        L{_MAX_FUTILE_RETURNS} times in a row only to be handed over again.
         """
-        # NOTE: the connection never comes back to the fast path, so a
-        # pipeline that waits on a Deferred for every request (or streams
-        # every response) gets no gain: only its first head is parsed here,
-        # and then twice.
         self._selector.fast_path = None
+        if self._returned:
+            self._returned = False
+            self._futile_returns += 1
+        if self._futile_returns < _MAX_FUTILE_RETURNS:
+            self._channel.handed_over_by = self
         if data:
             self._channel.dataReceived(data)
+
+    def take_back(self) -> None:
+        """
+        Serve the connection's next requests here again.
+        """
+        selector = self._selector
+        if selector._channel is self._channel:
+            selector.fast_path = self
+            self._returned = True
 
     # Serving one request
 
@@ -166,7 +195,12 @@ class FastPath:
         plug = resource._plug
         result: object
         try:
-            result = _settled(plug.call(conn, plug.state))
+            result = plug.call(conn, plug.state)
+            if iscoroutine(result):
+                # A plug mounted on its own returns its coroutine as is.
+                # Running it now serves here one that does not wait.
+                result = ensureDeferred(result)
+            result = _settled(result)
             if adapter.is_fresh() and type(result) is Conn and result.state == SET:
                 result.send_resp()
         except BaseException:
@@ -184,6 +218,8 @@ class FastPath:
 
         record = adapter.record
         assert record is not None
+        self._returned = False
+        self._futile_returns = 0
         persistent = record.persistent
         channel.served_elsewhere(persistent)
         if type(result) is not Conn or result.state != SENT:

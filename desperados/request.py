@@ -324,6 +324,10 @@ class StreamingChannel(DesperadosChannel):
     """The Conn that the next request rendered takes over instead of running
     the pipeline, set by L{desperados.http1_fast.FastPath}."""
 
+    handed_over_by: Any = None
+    """The L{desperados.http1_fast.FastPath} that handed this connection over,
+    which gets it back once the connection is idle (see L{_give_back})."""
+
     _closing = False
     """Whether the connection closes after a response sent before the body's end."""
 
@@ -368,6 +372,11 @@ class StreamingChannel(DesperadosChannel):
         if request is not None and done:
             super().requestDone(request)
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.handed_over_by is not None and not self._busyReceiving:
+            self._give_back()
+
     def requestDone(self, request: Any) -> None:
         if request is self._streaming and self.persistent:
             # The next request starts after this body: wait for its end.
@@ -378,6 +387,35 @@ class StreamingChannel(DesperadosChannel):
             self._streaming = None
             self._ignore_rest()
         super().requestDone(request)
+        # Inside dataReceived, the bytes after this request are still being
+        # parsed, and dataReceived gives the connection back at its end.
+        if self.handed_over_by is not None and not self._busyReceiving:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """
+        Give the connection back to the fast path that handed it over, if idle.
+
+        Idle means a persistent connection in line mode, no request in
+        flight, no byte buffered and no request head begun, so the next
+        bytes that arrive start a new request.
+        """
+        if (
+            self.requests
+            or not self.persistent
+            or not self.line_mode
+            or self._handlingRequest
+            or self._buffer
+            or self._dataBuffer
+            or self._in_head
+            or self._rejected
+            or self._closing
+            or self._streaming is not None
+            or self.transport is None
+        ):
+            return
+        fast_path, self.handed_over_by = self.handed_over_by, None
+        fast_path.take_back()
 
     def loseConnection(self) -> None:
         if self._closing:

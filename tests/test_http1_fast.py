@@ -64,6 +64,15 @@ def make_test_site(
     site.http1_fast_path = fast
     site.test_protocols = []
     build = site._build_http_protocol
+    # The number of twisted.web requests that the channel parsed.
+    site.channel_requests = 0
+    request_factory = site.requestFactory
+
+    def build_request(*args):
+        site.channel_requests += 1
+        return request_factory(*args)
+
+    site.requestFactory = build_request
 
     def build_and_keep(addr):
         protocol = build(addr)
@@ -93,7 +102,8 @@ async def exchange(
 
 def fast_path_of(site: DesperadosSite) -> object:
     """
-    Return the FastPath of the Site's one connection, None after a hand-over.
+    Return the FastPath of the Site's one connection, None while the channel
+    serves it or once it closed after the channel served it.
     """
     (protocol,) = site.test_protocols
     return protocol.fast_path
@@ -264,7 +274,11 @@ async def test_other_requests_are_handed_over(listen, data):
     fast, slow, site = await both_paths(listen, data)
     assert fast == slow
     assert fast.startswith((b"HTTP/1.1 404 ", b"HTTP/1.0 404 "))
-    assert fast_path_of(site) is None
+    assert site.channel_requests == 1
+    # The channel gives a persistent connection back once idle.  An HTTP/1.0
+    # request without keep-alive closes the connection.
+    given_back = not data.endswith(b"HTTP/1.0\r\n\r\n")
+    assert (fast_path_of(site) is not None) is given_back
 
 
 @pytest_twisted.ensureDeferred
@@ -278,7 +292,8 @@ async def test_split_head_is_handed_over(listen):
     response = await client.read_response()
     client.transport.loseConnection()
     assert response.status == 404
-    assert fast_path_of(site) is None
+    assert site.channel_requests == 1
+    assert fast_path_of(site) is not None
 
 
 @pytest_twisted.ensureDeferred
@@ -367,17 +382,18 @@ async def _read_empty_body(conn):
 
 
 @pytest.mark.parametrize(
-    ("respond", "status", "fast_path_stays"),
+    ("respond", "status", "passed_on", "fast_path_back"),
     [
-        (_later_404, 404, False),
-        (_stream, 200, False),
-        (_inform_then_404, 103, False),
-        (_raise, 500, False),
-        (_raise_without_waiting, 500, False),
-        (_raise_base, 500, False),
-        (_unset, 500, False),
-        (_continue_101, 100, False),
-        (_read_empty_body, 200, True),
+        (_later_404, 404, True, True),
+        (_stream, 200, True, True),
+        (_inform_then_404, 103, True, True),
+        # The response to a failed pipeline closes the connection.
+        (_raise, 500, True, False),
+        (_raise_without_waiting, 500, True, False),
+        (_raise_base, 500, True, False),
+        (_unset, 500, True, False),
+        (_continue_101, 100, True, True),
+        (_read_empty_body, 200, False, True),
     ],
     ids=[
         "deferred",
@@ -393,7 +409,7 @@ async def _read_empty_body(conn):
 )
 @pytest_twisted.ensureDeferred
 async def test_pipeline_runs_once_on_either_path(
-    listen, logs, respond, status, fast_path_stays
+    listen, logs, respond, status, passed_on, fast_path_back
 ):
     fast_plug = _Counting(respond)
     fast_site = make_test_site(Builder([fast_plug]), fast=True)
@@ -408,7 +424,102 @@ async def test_pipeline_runs_once_on_either_path(
     if status == 500:
         assert b"\r\nConnection: close\r\n" in fast
     assert fast_plug.calls == 1
-    assert (fast_path_of(fast_site) is not None) is fast_path_stays
+    assert fast_site.channel_requests == (1 if passed_on else 0)
+    assert (fast_path_of(fast_site) is not None) is fast_path_back
+
+
+async def _later_on_slow_path(conn, opts):
+    # Only /slow waits, so its request is passed on to the channel.
+    if conn.request_path == "/slow":
+        await deferLater(reactor, 0, lambda: None)
+    return conn.send_resp(404, conn.request_path).halt()
+
+
+SLOW = GET.replace(b"/a/b?x=1", b"/slow")
+FAST = GET.replace(b"/a/b?x=1", b"/fast")
+
+
+async def open_client(listen, site: DesperadosSite) -> RecordingClient:
+    """
+    Connect a RecordingClient to C{site}, listening on a new port.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", listen(site))
+    return await connectProtocol(endpoint, RecordingClient())
+
+
+@pytest_twisted.ensureDeferred
+async def test_fast_path_resumes_after_deferred(listen):
+    site = make_test_site(_later_on_slow_path)
+    client = await open_client(listen, site)
+    client.send(SLOW)
+    slow = await client.read_response()
+    passed_on = site.channel_requests
+    client.send(FAST)
+    fast = await client.read_response()
+    client.transport.loseConnection()
+    assert slow.status == 404
+    assert slow.body == b"/slow"
+    assert fast.status == 404
+    assert fast.body == b"/fast"
+    assert passed_on == 1
+    assert site.channel_requests == 1
+    assert fast_path_of(site) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_after_deferred_keeps_order(listen):
+    """
+    Requests pipelined behind a passed-on one are served by the channel, in
+    order, and the fast path serves what comes after them.
+    """
+    site = make_test_site(_later_on_slow_path)
+    client = await open_client(listen, site)
+    client.send(SLOW + FAST + SLOW + FAST)
+    bodies = [(await client.read_response()).body for _ in range(4)]
+    passed_on = site.channel_requests
+    client.send(FAST)
+    last = await client.read_response()
+    client.transport.loseConnection()
+    assert bodies == [b"/slow", b"/fast", b"/slow", b"/fast"]
+    assert passed_on == 4
+    assert last.body == b"/fast"
+    assert site.channel_requests == 4
+    assert fast_path_of(site) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_channel_keeps_always_deferred_connection(listen):
+    """
+    A connection whose first request after each return to the fast path is
+    passed on again stays on the channel after the second such return.
+    """
+    site = make_test_site(_later_on_slow_path)
+    client = await open_client(listen, site)
+    back = []
+    for _ in range(3):
+        client.send(SLOW)
+        await client.read_response()
+        back.append(fast_path_of(site) is not None)
+    client.send(FAST)
+    fast = await client.read_response()
+    client.transport.loseConnection()
+    assert back == [True, True, False]
+    assert fast.body == b"/fast"
+    assert site.channel_requests == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_closes_given_back_connection(listen):
+    site = make_test_site(_later_on_slow_path)
+    client = await open_client(listen, site)
+    client.send(SLOW)
+    slow = await client.read_response()
+    given_back = fast_path_of(site) is not None
+    await site.drain(timeout=5.0)
+    await client.wait_closed()
+    assert slow.status == 404
+    assert given_back
+    assert site.connections == {}
 
 
 def _return_none(conn, opts):
