@@ -74,6 +74,12 @@ _PYTHON_MASKER_LIMIT = 1024
 # point boundary, and the octet index in this chunk and in the whole message.
 _Utf8State = tuple[bool, bool, int, int]
 
+# Callback results that are neither a Deferred nor awaitable.
+_RESULT_TYPES = (Ok, Push, Stop)
+
+# The frame types of data messages, as opposed to control frames.
+_MESSAGE_TYPES = (Text, Binary)
+
 # Marks a callback that takes only the state (init), since a handle_info
 # message may itself be None.
 _STATE_ONLY = object()
@@ -451,7 +457,9 @@ class HandlerProtocol(WebSocketServerProtocol):
             # Twisted runs a coroutine in a copy of the context current when
             # ensureDeferred() is called, so call it while the handle is set
             # and current_handle() works inside the coroutine too.
-            if inspect.iscoroutine(result):
+            if type(result) in _RESULT_TYPES:
+                pass
+            elif inspect.iscoroutine(result):
                 result = ensureDeferred(result)
             elif not isinstance(result, Deferred) and inspect.isawaitable(result):
                 result = ensureDeferred(_await(result))
@@ -502,7 +510,10 @@ class HandlerProtocol(WebSocketServerProtocol):
         if self._terminated:
             return
         try:
-            if isinstance(result, Push):
+            if type(result) is Push and type(result.frames) in _MESSAGE_TYPES:
+                self._state = result.state
+                self._send_frame(result.frames)
+            elif isinstance(result, Push):
                 frames = _checked_frames(result)
                 self._state = result.state
                 for frame in frames:
@@ -527,13 +538,13 @@ class HandlerProtocol(WebSocketServerProtocol):
         if isinstance(frame, Text):
             data = frame.data
             payload = data.encode("utf-8") if isinstance(data, str) else data
-            self.sendMessage(payload)
+            self._send_message(payload, False)
             if telemetry.observers:
                 telemetry.emit(
                     "websocket.message.out", opcode="text", size=len(payload)
                 )
         elif isinstance(frame, Binary):
-            self.sendMessage(frame.data, isBinary=True)
+            self._send_message(frame.data, True)
             if telemetry.observers:
                 telemetry.emit(
                     "websocket.message.out", opcode="binary", size=len(frame.data)
@@ -542,6 +553,45 @@ class HandlerProtocol(WebSocketServerProtocol):
             self.sendPing(frame.data or None)
         else:
             self.sendPong(frame.data or None)
+
+    def _send_message(self, payload: bytes, is_binary: bool) -> None:
+        # Autobahn 26.11's sendMessage and sendFrame check their arguments,
+        # and handle compression, fragmentation, masking, logging and write
+        # queues, on every message.  An uncompressed message that goes out
+        # as one unmasked frame is framed and counted here as they would do.
+        if type(payload) is not bytes:
+            # Autobahn's type check rejects it.
+            self.sendMessage(payload, isBinary=is_binary)
+            return
+        length = len(payload)
+        if (
+            self._perMessageCompress is not None
+            or self.autoFragmentSize > 0
+            or self.maskServerFrames
+            or self.logFrames
+            or self.logOctets
+            or self.trackedTimings
+            or self.send_queue
+            or 0 < self.maxMessagePayloadSize < length
+        ):
+            self.sendMessage(payload, isBinary=is_binary)
+            return
+        first = 0x82 if is_binary else 0x81
+        if length < 126:
+            header = bytes((first, length))
+        elif length < 0x10000:
+            header = bytes((first, 126)) + length.to_bytes(2, "big")
+        else:
+            header = bytes((first, 127)) + length.to_bytes(8, "big")
+        frame = header + payload
+
+        stats = self.trafficStats
+        stats.outgoingWebSocketMessages += 1
+        stats.outgoingOctetsAppLevel += length
+        stats.outgoingOctetsWebSocketLevel += length
+        stats.outgoingWebSocketFrames += 1
+        stats.outgoingOctetsWireLevel += len(frame)
+        self.transport.write(frame)
 
     def _deliver_info(self, message: object) -> None:
         # callFromThread is safe from any thread, the reactor's included, and

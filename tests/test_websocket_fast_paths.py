@@ -2,21 +2,23 @@
 The shortcuts desperados takes around Autobahn's per-frame work.
 
 HandlerProtocol unmasks short frames in Python, checks a text frame that is
-a whole message with one decode, and delivers whole messages without
-Autobahn's frame parser; these tests hold them to what Autobahn's own
-masker, incremental validator and parser do.
+a whole message with one decode, and reads and writes whole messages without
+Autobahn's frame parser and sendMessage(); these tests hold them to what
+Autobahn's own masker, incremental validator, parser and writer do.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import pytest_twisted
 from autobahn.websocket.xormasker import create_xor_masker
 from support import encode_frame, open_websocket
+from twisted.internet import reactor
 
-from desperados import Builder, endpoints
+from desperados import Binary, Builder, Push, Text, endpoints, start_link
 from desperados.plugs import Websocket
 from desperados.websocket import _PYTHON_MASKER_LIMIT, HandlerProtocol, _PythonMasker
 
@@ -28,21 +30,40 @@ PING = 0x9
 PONG = 0xA
 
 
-@pytest.fixture(params=["whole messages", "autobahn parser"])
-def both_frame_parsers(
+@pytest.fixture(params=["desperados", "autobahn"])
+def both_frame_paths(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> str:
     """
-    Run a test with whole messages taken by HandlerProtocol, then with every
-    frame left to Autobahn's parser.
+    Run a test with whole messages read and written by HandlerProtocol, then
+    with every frame left to Autobahn's parser and sendMessage().
     """
-    if request.param == "autobahn parser":
+    if request.param == "autobahn":
         monkeypatch.setattr(HandlerProtocol, "_between_messages", lambda self: False)
+        monkeypatch.setattr(
+            HandlerProtocol,
+            "_send_message",
+            lambda self, payload, is_binary: self.sendMessage(
+                payload, isBinary=is_binary
+            ),
+        )
     return request.param
 
 
 def echo_pipeline(**options: object) -> Builder:
     return Builder([Websocket, (endpoints.Websocket, options)])
+
+
+class Reply(endpoints.Echo):
+    """
+    Reply to every message with one fixed frame.
+    """
+
+    def __init__(self, frame: Text | Binary) -> None:
+        self.frame = frame
+
+    def handle_in(self, frame: tuple[bytes, str], state: int) -> Push:
+        return Push(self.frame, state)
 
 
 def close_code(payload: bytes) -> int:
@@ -147,7 +168,7 @@ async def test_fragmented_text_split_code_point_echoes(serve):
 
 
 @pytest_twisted.ensureDeferred
-async def test_mixed_frames_in_one_read_echo(serve, both_frame_parsers):
+async def test_mixed_frames_in_one_read_echo(serve, both_frame_paths):
     port = await serve()
     client, _ = await open_websocket(port)
     frames = [
@@ -179,7 +200,7 @@ async def test_mixed_frames_in_one_read_echo(serve, both_frame_parsers):
 
 
 @pytest_twisted.ensureDeferred
-async def test_frame_split_across_reads_echoes(serve, both_frame_parsers):
+async def test_frame_split_across_reads_echoes(serve, both_frame_paths):
     port = await serve()
     client, _ = await open_websocket(port)
     whole = encode_frame(TEXT, b"whole")
@@ -196,7 +217,7 @@ async def test_frame_split_across_reads_echoes(serve, both_frame_parsers):
 
 
 @pytest_twisted.ensureDeferred
-async def test_oversized_frame_after_messages_closes_1009(serve, both_frame_parsers):
+async def test_oversized_frame_after_messages_closes_1009(serve, both_frame_paths):
     port = await serve(echo_pipeline(max_frame_size=100))
     client, _ = await open_websocket(port)
 
@@ -218,7 +239,7 @@ async def test_oversized_frame_after_messages_closes_1009(serve, both_frame_pars
 
 
 @pytest_twisted.ensureDeferred
-async def test_oversized_message_closes_1009(serve, both_frame_parsers):
+async def test_oversized_message_closes_1009(serve, both_frame_paths):
     port = await serve(echo_pipeline(max_message_size=1000, max_frame_size=2000))
     client, _ = await open_websocket(port)
 
@@ -233,7 +254,7 @@ async def test_oversized_message_closes_1009(serve, both_frame_parsers):
 
 
 @pytest_twisted.ensureDeferred
-async def test_invalid_utf8_after_messages_closes_1007(serve, both_frame_parsers):
+async def test_invalid_utf8_after_messages_closes_1007(serve, both_frame_paths):
     port = await serve()
     client, _ = await open_websocket(port)
 
@@ -252,7 +273,7 @@ async def test_invalid_utf8_after_messages_closes_1007(serve, both_frame_parsers
 
 
 @pytest_twisted.ensureDeferred
-async def test_unmasked_frame_after_message_closes_1002(serve, both_frame_parsers):
+async def test_unmasked_frame_after_message_closes_1002(serve, both_frame_paths):
     port = await serve()
     client, _ = await open_websocket(port)
     unmasked = bytes([0x81, 0x02]) + b"no"
@@ -268,7 +289,7 @@ async def test_unmasked_frame_after_message_closes_1002(serve, both_frame_parser
 
 
 @pytest_twisted.ensureDeferred
-async def test_invalid_utf8_passes_unvalidated(serve, both_frame_parsers):
+async def test_invalid_utf8_passes_unvalidated(serve, both_frame_paths):
     port = await serve(echo_pipeline(validate_utf8=False))
     client, _ = await open_websocket(port)
 
@@ -279,3 +300,60 @@ async def test_invalid_utf8_passes_unvalidated(serve, both_frame_parsers):
 
     assert first == (TEXT, b"bad \xff")
     assert second == (TEXT, b"next")
+
+
+@pytest_twisted.ensureDeferred
+async def test_traffic_statistics_count_every_message(both_frame_paths):
+    listening = await start_link(
+        echo_pipeline(), port=0, ip="127.0.0.1", reactor=reactor, startup_log=None
+    )
+    bridge = listening.factory.plug_resource.websockets
+    try:
+        client, _ = await open_websocket(listening.getHost().port)
+        frames = [
+            encode_frame(TEXT, b"short"),
+            encode_frame(BINARY, b"b" * 300),
+            encode_frame(TEXT, b"frag", fin=False),
+            encode_frame(CONTINUATION, b"ment"),
+        ]
+        client.send(b"".join(frames))
+        for _ in range(3):
+            await client.read_frame()
+        (protocol,) = bridge.connections
+        # A copy, because the Close frame of the shutdown below counts too.
+        stats = copy.copy(protocol.trafficStats)
+        client.transport.loseConnection()
+    finally:
+        await bridge.shutdown()
+        await listening.stopListening()
+
+    payload_octets = 5 + 300 + 8
+    assert stats.incomingWebSocketMessages == 3
+    assert stats.incomingWebSocketFrames == 4
+    assert stats.incomingOctetsAppLevel == payload_octets
+    assert stats.incomingOctetsWebSocketLevel == payload_octets
+    assert stats.incomingOctetsWireLevel == sum(len(frame) for frame in frames)
+    assert stats.outgoingWebSocketMessages == 3
+    assert stats.outgoingWebSocketFrames == 3
+    assert stats.outgoingOctetsAppLevel == payload_octets
+    assert stats.outgoingOctetsWebSocketLevel == payload_octets
+    # Unmasked frames: 2-byte headers, and 4 bytes for the 300-byte length.
+    assert stats.outgoingOctetsWireLevel == payload_octets + 2 + 4 + 2
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "reply",
+    [Text(bytearray(b"not bytes")), Binary(b"x" * 1001)],
+    ids=["bytearray", "over max_message_size"],
+)
+async def test_invalid_reply_closes_1011(serve, both_frame_paths, reply):
+    port = await serve(echo_pipeline(handler=Reply(reply), max_message_size=1000))
+    client, _ = await open_websocket(port)
+
+    client.send(encode_frame(TEXT, b"hello"))
+    opcode, close = await client.read_frame()
+    client.transport.loseConnection()
+
+    assert opcode == CLOSE
+    assert close_code(close) == 1011
