@@ -621,12 +621,21 @@ def closes_connection(
     :param requests_received: the number of requests on the connection so
         far, this one included.
     """
+    if lists_close(connection):
+        return True
+    max_requests = options.max_requests
+    return bool(max_requests and requests_received >= max_requests)
+
+
+def lists_close(connection: list[bytes]) -> bool:
+    """
+    Say whether C{Connection} header values list the C{close} option.
+    """
     for value in connection:
         for token in value.split(b","):
             if token.strip().lower() == b"close":
                 return True
-    max_requests = options.max_requests
-    return bool(max_requests and requests_received >= max_requests)
+    return False
 
 
 def _peer_address(transport: Any) -> str:

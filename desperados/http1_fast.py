@@ -53,6 +53,7 @@ from desperados.http1 import (
     HTTPOptions,
     _check_head,
     closes_connection,
+    lists_close,
 )
 from desperados.request import reason_phrase
 from desperados.resource import PlugResource, build_conn
@@ -268,6 +269,10 @@ class FastPath:
                 # to resp_headers directly.  twisted.web's Headers replaces
                 # each one with a space, so that no value starts a header.
                 encoded = b" ".join(encoded.splitlines())
+            if name == "connection" and lists_close([encoded]):
+                # RFC 9112 section 9.6: a server that sends the close
+                # option closes the connection after the response.
+                persistent = False
             fields.setdefault(encode_name(name), []).append(encoded)
 
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]

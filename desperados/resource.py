@@ -24,6 +24,7 @@ from desperados.builder import PlugSpec, _not_a_conn, compile_plug
 from desperados.compression import Compression, compression_option, start_compression
 from desperados.conn import CHUNKED, SENT, SET, UNSET, UPGRADED, Conn
 from desperados.errors import BadRequestError, ClientDisconnectedError, DesperadosError
+from desperados.http1 import lists_close
 from desperados.response import wire_response
 from desperados.streaming import (
     ResponseStream,
@@ -114,9 +115,16 @@ class _RequestAdapter:
         request.setResponseCode(conn.status)
         response_headers = request.responseHeaders
         for name, value in headers:
-            response_headers.addRawHeader(
-                name.encode("latin-1"), value.encode("latin-1")
-            )
+            encoded = value.encode("latin-1")
+            if (
+                name == "connection"
+                and request.clientproto != _HTTP2
+                and lists_close([encoded])
+            ):
+                # RFC 9112 section 9.6: a server that sends the close
+                # option closes the connection after the response.
+                request.channel.persistent = False
+            response_headers.addRawHeader(name.encode("latin-1"), encoded)
 
     def send_resp(self, conn: Conn, body: bytes) -> None:
         request = self.request

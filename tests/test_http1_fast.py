@@ -305,6 +305,27 @@ async def test_connection_close_closes_after_fast_response(listen):
     assert b"\r\nConnection: close\r\n" in fast
 
 
+def _close_after(conn, opts):
+    conn.put_resp_header("connection", "keep-alive, Close")
+    return conn.send_resp(200, "bye").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_plug_connection_close_closes(listen):
+    """
+    RFC 9112 section 9.6: a server that sends the close option closes the
+    connection after that response.
+    """
+    received = {}
+    for fast in (True, False):
+        site = make_test_site(_close_after, fast=fast)
+        data, client = await exchange(listen, site, GET + GET)
+        await client.wait_closed()
+        received[fast] = _DATE.sub(b"\r\ndate: -\r\n", client.received)
+    assert received[True] == received[False]
+    assert received[True].count(b"HTTP/1.1 200 OK") == 1
+
+
 @pytest_twisted.ensureDeferred
 async def test_max_requests_counts_fast_and_channel_requests(listen):
     from desperados import HTTPOptions
