@@ -530,6 +530,46 @@ async def test_channel_keeps_always_deferred_connection(listen):
 
 
 @pytest_twisted.ensureDeferred
+async def test_alternating_requests_keep_returning(listen):
+    """
+    A request served on the fast path resets the count of futile returns.
+    """
+    site = make_test_site(_later_on_slow_path)
+    client = await open_client(listen, site)
+    bodies = []
+    for _ in range(4):
+        for data in (SLOW, FAST):
+            client.send(data)
+            bodies.append((await client.read_response()).body)
+    client.transport.loseConnection()
+    assert bodies == [b"/slow", b"/fast"] * 4
+    assert site.channel_requests == 4
+    assert fast_path_of(site) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_fast_path_resumes_after_unread_body(listen):
+    """
+    The channel reads past a body that the response did not wait for, and
+    gives the connection back once the body has ended.
+    """
+    site = make_test_site()
+    client = await open_client(listen, site)
+    client.send(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    posted = await client.read_response()
+    client.send(b"defghij")
+    # Let the server read the end of the body before the next request.
+    await deferLater(reactor, 0.05, lambda: None)
+    client.send(GET)
+    got = await client.read_response()
+    client.transport.loseConnection()
+    assert posted.status == 404
+    assert got.status == 404
+    assert site.channel_requests == 1
+    assert fast_path_of(site) is not None
+
+
+@pytest_twisted.ensureDeferred
 async def test_drain_closes_given_back_connection(listen):
     site = make_test_site(_later_on_slow_path)
     client = await open_client(listen, site)
