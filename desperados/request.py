@@ -424,6 +424,11 @@ class StreamingChannel(DesperadosChannel):
             # destroys the response.
             self._close()
             return
+        # NOTE: unlike the close above, this one does not linger.  Bytes
+        # that arrive before the response is flushed stay unread, so the
+        # kernel resets the connection and can drop the response's tail
+        # (RFC 9112 section 9.6).  linger_close would need an abort timer
+        # that starts once the response is flushed, not to cut slow readers.
         super().loseConnection()
 
     def _close_unread(self) -> None:
