@@ -26,6 +26,7 @@ import pstats
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -119,6 +120,20 @@ class AsyncNotFound(Resource):
         return NOT_DONE_YET
 
 
+def compressed_text_frame(payload: bytes) -> bytes:
+    """
+    Return a masked text frame with C{payload} compressed by permessage-deflate.
+
+    Each frame is compressed on its own.  A client may always leave out
+    context takeover (RFC 7692 section 7.1.1.2), so the same frame can be
+    sent again and again on one connection.
+    """
+    compressor = zlib.compressobj(wbits=-15)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    frame = masked_text_frame(data[:-4])  # without the 00 00 ff ff tail
+    return bytes([frame[0] | 0x40]) + frame[1:]
+
+
 def sites() -> dict[str, object]:
     channel_only = make_site(async_404)
     channel_only.http1_fast_path = False
@@ -208,24 +223,36 @@ def async_case(site: object, count: int, every: int = 1) -> float:
     return elapsed / count
 
 
-def websocket_case(site: object, size: int, count: int) -> float:
+def websocket_case(site: object, size: int, count: int, deflate: bool = False) -> float:
     """
-    Seconds of CPU per echoed text message of C{size} bytes.
+    Seconds of CPU per echoed text message of C{size} bytes, compressed with
+    permessage-deflate both ways when C{deflate} is true.
     """
     protocol, transport = connect(site)
-    protocol.dataReceived(UPGRADE)
+    upgrade = UPGRADE
+    if deflate:
+        offer = b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+        upgrade = UPGRADE.replace(b"\r\n\r\n", offer)
+    protocol.dataReceived(upgrade)
     if not transport.value().startswith(b"HTTP/1.1 101"):
         raise RuntimeError(f"upgrade failed: {transport.value()[:300]!r}")
+    if deflate and b"permessage-deflate" not in transport.value():
+        answer = transport.value()[:300]
+        raise RuntimeError(f"permessage-deflate not accepted: {answer!r}")
     transport.clear()
     websocket = transport.protocol
-    frame = masked_text_frame(b"x" * size)
+    payload = b"x" * size
+    frame = compressed_text_frame(payload) if deflate else masked_text_frame(payload)
     expected = len(frame) - 4  # the echo is not masked
     start = time.process_time()
     for index in range(count):
         websocket.dataReceived(frame)
-        if index % 64 == 0:
+        if index % 64 == 0 and not deflate:
             if len(transport.value()) != expected:
                 raise RuntimeError(f"unexpected echo: {transport.value()[:100]!r}")
+        if index % 64 == 0 and deflate and transport.value()[:1] != b"\xc1":
+            echo = transport.value()[:100]
+            raise RuntimeError(f"expected a compressed text frame, got {echo!r}")
         transport.clear()
     return (time.process_time() - start) / count
 
@@ -245,6 +272,7 @@ CASES = {
     ),
     "ws16": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16, n), 8000),
     "ws16k": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16384, n), 3000),
+    "ws16k-deflate": (("desperados", "autobahn"), lambda site, n: websocket_case(site, 16384, n, deflate=True), 3000),
 }
 
 

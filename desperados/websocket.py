@@ -14,6 +14,7 @@ import inspect
 from collections import deque
 from typing import Any
 
+from autobahn.exception import PayloadExceededError
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
 from autobahn.websocket.compress import (
@@ -133,7 +134,9 @@ class HandlerProtocol(WebSocketServerProtocol):
         rest = self._receive_whole_messages(data)
         if rest:
             self.data = rest
-            self.consumeData()
+            # Autobahn's parser stops once the connection is closed.
+            if self.state != self.STATE_CLOSED:
+                self.consumeData()
 
     def _between_messages(self) -> bool:
         # True when Autobahn's parser has nothing buffered and no frame or
@@ -556,27 +559,48 @@ class HandlerProtocol(WebSocketServerProtocol):
 
     def _send_message(self, payload: bytes, is_binary: bool) -> None:
         # Autobahn 26.11's sendMessage and sendFrame check their arguments,
-        # and handle compression, fragmentation, masking, logging and write
-        # queues, on every message.  An uncompressed message that goes out
-        # as one unmasked frame is framed and counted here as they would do.
+        # and handle fragmentation, masking, logging and write queues, on
+        # every message.  A message that goes out as one unmasked frame,
+        # compressed or not, is framed and counted here as they would do.
         if type(payload) is not bytes:
             # Autobahn's type check rejects it.
             self.sendMessage(payload, isBinary=is_binary)
             return
-        length = len(payload)
         if (
-            self._perMessageCompress is not None
-            or self.autoFragmentSize > 0
+            self.autoFragmentSize > 0
             or self.maskServerFrames
             or self.logFrames
             or self.logOctets
             or self.trackedTimings
             or self.send_queue
-            or 0 < self.maxMessagePayloadSize < length
         ):
             self.sendMessage(payload, isBinary=is_binary)
             return
+
+        stats = self.trafficStats
+        stats.outgoingWebSocketMessages += 1
+        stats.outgoingOctetsAppLevel += len(payload)
         first = 0x82 if is_binary else 0x81
+        extension = self._perMessageCompress
+        if extension is not None:
+            extension.start_compress_message()
+            payload = extension.compress_message_data(payload)
+            payload += extension.end_compress_message()
+            # RSV1 marks a compressed message (RFC 7692 section 6).
+            first |= 0x40
+        length = len(payload)
+        stats.outgoingOctetsWebSocketLevel += length
+        if 0 < self.maxMessagePayloadSize < length:
+            # Autobahn checks the size after compressing, so a message under
+            # the limit can still exceed it compressed.
+            self.wasMaxMessagePayloadSizeExceeded = True
+            msg = (
+                f"tried to send WebSocket message with size {length} exceeding "
+                f"payload limit of {self.maxMessagePayloadSize} octets"
+            )
+            self.log.warn(msg)
+            raise PayloadExceededError(msg)
+
         if length < 126:
             header = bytes((first, length))
         elif length < 0x10000:
@@ -584,11 +608,6 @@ class HandlerProtocol(WebSocketServerProtocol):
         else:
             header = bytes((first, 127)) + length.to_bytes(8, "big")
         frame = header + payload
-
-        stats = self.trafficStats
-        stats.outgoingWebSocketMessages += 1
-        stats.outgoingOctetsAppLevel += length
-        stats.outgoingOctetsWebSocketLevel += length
         stats.outgoingWebSocketFrames += 1
         stats.outgoingOctetsWireLevel += len(frame)
         self.transport.write(frame)

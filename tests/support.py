@@ -190,6 +190,20 @@ class RawClient(Protocol):
         return opcode, await self._read_exactly(length)
 
 
+async def read_frame_with_rsv(client: RawClient) -> tuple[int, int, bytes]:
+    """
+    Read one unmasked frame and return C{(rsv bits, opcode, payload)}.
+    """
+    header = await client._read_exactly(2)
+    length = header[1] & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await client._read_exactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await client._read_exactly(8))
+    payload = await client._read_exactly(length)
+    return (header[0] >> 4) & 0b111, header[0] & 0x0F, payload
+
+
 def encode_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> bytes:
     """
     Encode a masked client frame.

@@ -21,7 +21,14 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
-from support import RawClient, close_payload, connect, encode_frame, upgrade_request
+from support import (
+    RawClient,
+    close_payload,
+    connect,
+    encode_frame,
+    read_frame_with_rsv,
+    upgrade_request,
+)
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -147,20 +154,6 @@ async def websocket_server():
     for server in started:
         await server.bridge.shutdown()
         await server.listening.stopListening()
-
-
-async def read_frame_with_rsv(client: RawClient) -> tuple[int, int, bytes]:
-    """
-    Read one unmasked frame and return C{(rsv bits, opcode, payload)}.
-    """
-    header = await client._read_exactly(2)
-    length = header[1] & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", await client._read_exactly(2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", await client._read_exactly(8))
-    payload = await client._read_exactly(length)
-    return (header[0] >> 4) & 0b111, header[0] & 0x0F, payload
 
 
 async def close_cleanly(client: RawClient) -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import os
+import zlib
 
 import pytest
 import pytest_twisted
 from autobahn.websocket.xormasker import create_xor_masker
-from support import encode_frame, open_websocket
+from support import encode_frame, open_websocket, read_frame_with_rsv
 from twisted.internet import reactor
 
 from desperados import Binary, Builder, Push, Text, endpoints, start_link
@@ -350,6 +351,59 @@ async def test_traffic_statistics_count_every_message(both_frame_paths):
 async def test_invalid_reply_closes_1011(serve, both_frame_paths, reply):
     port = await serve(echo_pipeline(handler=Reply(reply), max_message_size=1000))
     client, _ = await open_websocket(port)
+
+    client.send(encode_frame(TEXT, b"hello"))
+    opcode, close = await client.read_frame()
+    client.transport.loseConnection()
+
+    assert opcode == CLOSE
+    assert close_code(close) == 1011
+
+
+DEFLATE_OFFER = "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+
+
+def deflate(data: bytes) -> bytes:
+    """
+    Compress one message as permessage-deflate does (RFC 7692 section 7.2.1).
+    """
+    compressor = zlib.compressobj(wbits=-15)
+    return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_compressed_replies_keep_context(serve, both_frame_paths):
+    """
+    The server compresses each reply with the window of the ones before it
+    (context takeover), so one decompressor inflates them all.
+    """
+    port = await serve()
+    client, response = await open_websocket(port, extra=DEFLATE_OFFER)
+    messages = [b"compress me " * 100, b"compress me " * 100, b"and me " * 50]
+
+    client.send(b"".join(encode_frame(TEXT, deflate(m), rsv=0b100) for m in messages))
+    replies = [await read_frame_with_rsv(client) for _ in messages]
+    client.transport.loseConnection()
+
+    decompressor = zlib.decompressobj(wbits=-15)
+    inflated = [
+        decompressor.decompress(payload + b"\x00\x00\xff\xff")
+        for _, _, payload in replies
+    ]
+    assert response.header("sec-websocket-extensions") == "permessage-deflate"
+    assert [(rsv, opcode) for rsv, opcode, _ in replies] == [(0b100, TEXT)] * 3
+    assert inflated == messages
+    assert len(replies[1][2]) < len(replies[0][2])
+
+
+@pytest_twisted.ensureDeferred
+async def test_reply_over_limit_compressed_closes_1011(serve, both_frame_paths):
+    """
+    995 random bytes are under max_message_size but compress to 1,001.
+    """
+    handler = Reply(Binary(os.urandom(995)))
+    port = await serve(echo_pipeline(handler=handler, max_message_size=1000))
+    client, _ = await open_websocket(port, extra=DEFLATE_OFFER)
 
     client.send(encode_frame(TEXT, b"hello"))
     opcode, close = await client.read_frame()
