@@ -15,6 +15,7 @@ from zope.interface import implementer
 from desperados.http1 import ConnectionLimit, handshake_timed_out
 from desperados.http1_fast import FastPath
 from desperados.http2 import H2Connection
+from desperados.linger import HalfCloseable
 from desperados.request import StreamingChannel
 from desperados.resource import PlugResource
 
@@ -24,7 +25,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 @implementer(IHandshakeListener)
-class HTTPChannelSelector(_GenericHTTPChannelProtocol):
+class HTTPChannelSelector(HalfCloseable, _GenericHTTPChannelProtocol):
     """
     Start every connection as HTTP/1.1 and switch it to HTTP/2 when asked.
 

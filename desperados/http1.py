@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +27,7 @@ from twisted.web.http import (
 )
 
 from desperados._logging import observer as log_observer
+from desperados.linger import HalfCloseable, Linger, linger_close
 
 log = Logger(namespace="desperados.http1", observer=log_observer)
 
@@ -61,15 +61,17 @@ class HTTPOptions:
     :ivar keepalive_timeout: seconds a connection may wait for the first
         byte of its next request (or of its first one) before it is closed
         without a response.  It is also the idle timeout of HTTP/2
-        connections.
+        connections, and a closing connection whose client reads nothing
+        of the response for this long is aborted.
     :ivar header_timeout: seconds from the first byte of a request until
         its head is complete; then 408.  Bytes that trickle in do not
         extend it.
     :ivar body_timeout: seconds without any byte of the request body while
         the body is being received; then 408.
-    :ivar linger_timeout: seconds that a connection closed after an error
-        keeps reading and discarding input before it is aborted, so that a
-        client still sending gets the error response instead of a TCP reset.
+    :ivar linger_timeout: seconds that a closing connection keeps reading
+        and discarding input after its last response has been sent, before
+        it is aborted, so that a client still sending gets the whole
+        response instead of a TCP reset.
     :ivar tls_handshake_timeout: seconds from the TCP connection until the
         TLS handshake is complete; then the connection is aborted, since
         no HTTP response can be sent yet.  C{None} for no limit other than
@@ -189,7 +191,7 @@ class DesperadosChannel(HTTPChannel):
     _deadline_kind: str | None = None
     _deadline_at = 0.0
     _deadline_call: Any = None
-    _abort_call: Any = None
+    _linger: Linger | None = None
     _last_body_read = 0.0
     # The authority of an absolute-form request target, which replaces Host.
     _target_authority: bytes | None = None
@@ -227,9 +229,9 @@ class DesperadosChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
-        abort, self._abort_call = self._abort_call, None
-        if abort is not None and abort.active():
-            abort.cancel()
+        linger, self._linger = self._linger, None
+        if linger is not None:
+            linger.cancel()
         super().connectionLost(reason)
 
     # Parsing
@@ -531,13 +533,18 @@ class DesperadosChannel(HTTPChannel):
         """
         Close the connection without parsing anything more from it.
         """
+        if self._linger is not None:
+            return
         self._rejected = True
         self._cancel_deadline()
         self.clearLineBuffer()
         self._dataBuffer = []
         self._networkProducer.unregisterProducer()
-        self._abort_call = linger_close(
-            self.transport, self._reactor, self.options.linger_timeout
+        self._linger = linger_close(
+            self.transport,
+            self._reactor,
+            self.options.linger_timeout,
+            self.options.keepalive_timeout,
         )
 
     # Deadlines
@@ -594,10 +601,8 @@ class DesperadosChannel(HTTPChannel):
                 "closing idle connection from {peer}",
                 peer=_peer_address(self.transport),
             )
-            # NOTE: the idle time counts from the end of the last response as
-            # queued, not as sent: a client still reading a large response
-            # keepalive_timeout + linger_timeout later loses its end.
-            # twisted.web's own idle timer does the same, 15 s later.
+            # The idle time counts from the end of the last response as
+            # queued, but the close lingers until that response is sent.
             self._close()
         elif kind is _HEAD:
             self._reject(408, "timed out reading the request head")
@@ -802,34 +807,6 @@ def _error_response(status: int, reason: str, now: float) -> bytes:
     )
 
 
-def linger_close(transport: Any, reactor: Any, timeout: float) -> Any:
-    """
-    Close C{transport} once its output is sent, without a TCP reset.
-
-    Closing a socket whose input has not all been read makes the kernel
-    send a reset, which can destroy the response before the client reads it
-    (RFC 9112 section 9.6).  So close only the writing side, let the
-    protocol discard what still arrives, and abort after C{timeout}
-    seconds if the client has not closed by then.  A TLS connection has no
-    half-close here and is closed with close_notify instead.
-
-    :param transport: the transport to close; its protocol must drop input.
-    :param reactor: the reactor that schedules the abort.
-    :param timeout: seconds to wait for the client to close.
-    :returns: the DelayedCall of the abort; cancel it when the connection
-        is lost.
-    """
-    half_close = getattr(transport, "loseWriteConnection", None)
-    if half_close is None or ISSLTransport.providedBy(transport):
-        transport.loseConnection()
-    else:
-        half_close()
-        # Reading is how the client's close is noticed, and twisted.web may
-        # have paused the transport while it handled a request.
-        transport.resumeProducing()
-    return reactor.callLater(timeout, transport.abortConnection)
-
-
 class ConnectionLimit:
     """
     Counts a Site's open connections and rejects those beyond its limit.
@@ -914,7 +891,7 @@ def handshake_timed_out(transport: Any, timeout: float) -> None:
     transport.abortConnection()
 
 
-class _RejectedConnection(Protocol):
+class _RejectedConnection(HalfCloseable, Protocol):
     """
     A connection beyond the limit, which gets 503 and is closed.
     """
@@ -922,12 +899,12 @@ class _RejectedConnection(Protocol):
     def __init__(self, reactor: Any, linger_timeout: float) -> None:
         self._reactor = reactor
         self._linger_timeout = linger_timeout
-        self._abort_call: Any = None
+        self._linger: Linger | None = None
 
     def connectionMade(self) -> None:
         reason = "too many open connections, try again later"
         self.transport.write(_error_response(503, reason, self._reactor.seconds()))
-        self._abort_call = linger_close(
+        self._linger = linger_close(
             self.transport, self._reactor, self._linger_timeout
         )
 
@@ -935,5 +912,5 @@ class _RejectedConnection(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
+        if self._linger is not None:
+            self._linger.cancel()

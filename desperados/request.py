@@ -418,18 +418,10 @@ class StreamingChannel(DesperadosChannel):
         fast_path.take_back()
 
     def loseConnection(self) -> None:
-        if self._closing:
-            # The client may still be sending the body that nobody read:
-            # close as after an error, reading on so that no TCP reset
-            # destroys the response.
-            self._close()
-            return
-        # NOTE: unlike the close above, this one does not linger.  Bytes
-        # that arrive before the response is flushed stay unread, so the
-        # kernel resets the connection and can drop the response's tail
-        # (RFC 9112 section 9.6).  linger_close would need an abort timer
-        # that starts once the response is flushed, not to cut slow readers.
-        super().loseConnection()
+        # Lingering keeps reading, so that neither the body nobody read nor
+        # a request sent after this response makes the kernel reset the
+        # connection and destroy the response's tail.
+        self._close()
 
     def _close_unread(self) -> None:
         request = self._streaming
