@@ -10,6 +10,7 @@ from typing import IO, Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
+from twisted.web.http_headers import Headers
 
 from desperados._logging import observer as log_observer
 
@@ -36,7 +37,8 @@ class AccessLog:
     User-Agent.  The request line of an HTTP/2 request ends in C{HTTP/2.0}.
     A request whose client left before any response gets status
     499, as in nginx; WebSocket upgrades are logged with 101 when handed
-    over.
+    over.  A request rejected before the pipeline ran gets its error
+    status, and C{-} as the request line if that line was not parsed.
 
     :param destination: a file path, opened for appending, or C{"-"} for
         standard output.
@@ -92,6 +94,53 @@ class AccessLog:
             )
 
 
+class RejectedRequest:
+    """
+    A request that the HTTP/1.1 channel rejected before the pipeline ran,
+    with the attributes of a finished twisted.web request that
+    L{format_line} reads.
+
+    :param method: the method, or None if the request line was not parsed.
+    :param uri: the request target, or None with C{method}.
+    :param clientproto: the HTTP version, or None with C{method}.
+    :param headers: the header fields parsed before the rejection, or None.
+    :param client: the client's address.
+    :param code: the status sent.
+    :param sent_length: the length of the response body sent.
+    """
+
+    finished = True
+    startedWriting = True  # noqa: N815
+    access_log_client = None
+
+    def __init__(
+        self,
+        method: bytes | None,
+        uri: bytes | None,
+        clientproto: bytes | None,
+        headers: Headers | None,
+        client: Any,
+        code: int,
+        sent_length: int,
+    ) -> None:
+        self.method = method
+        self.uri = uri
+        self.clientproto = clientproto
+        self._headers = headers
+        self._client = client
+        self.code = code
+        self.sentLength = sent_length
+
+    def getClientAddress(self) -> Any:  # noqa: N802
+        return self._client
+
+    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802
+        if self._headers is None:
+            return None
+        values = self._headers.getRawHeaders(name)
+        return values[-1] if values else None
+
+
 def format_line(request: Any, now: float, status: int | None = None) -> str:
     """
     Format the combined log format line of C{request} at time C{now}.
@@ -100,8 +149,12 @@ def format_line(request: Any, now: float, status: int | None = None) -> str:
     if not host:
         client = request.getClientAddress()
         host = client.host if isinstance(client, (IPv4Address, IPv6Address)) else "-"
-    version = b"HTTP/2.0" if request.clientproto == _HTTP2 else request.clientproto
-    request_line = b"%s %s %s" % (request.method, request.uri, version)
+    if request.method is None:
+        # The request was rejected before its request line was parsed.
+        request_line = b"-"
+    else:
+        version = b"HTTP/2.0" if request.clientproto == _HTTP2 else request.clientproto
+        request_line = b"%s %s %s" % (request.method, request.uri, version)
     if status is None:
         started = request.startedWriting or request.finished
         status = request.code if started else CLIENT_CLOSED

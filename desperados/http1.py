@@ -26,7 +26,9 @@ from twisted.web.http import (
     datetimeToString,
 )
 
+from desperados import telemetry
 from desperados._logging import observer as log_observer
+from desperados.access_log import RejectedRequest
 from desperados.linger import HalfCloseable, Linger, linger_close
 
 log = Logger(namespace="desperados.http1", observer=log_observer)
@@ -527,7 +529,45 @@ class DesperadosChannel(HTTPChannel):
             self.transport.write(
                 _error_response(status, reason, self._reactor.seconds())
             )
+            # A request whose pipeline runs, such as one with a streaming
+            # body, writes its own access log line and telemetry.
+            dispatched = any(
+                getattr(request, "dispatched", False) for request in self.requests
+            )
+            if not dispatched:
+                self._record_rejection(status, len(_error_body(reason)))
         self._close()
+
+    def _record_rejection(self, status: int, sent_length: int) -> None:
+        """
+        Write the access log line and emit the telemetry of a rejected request.
+
+        The method and target are those of the request line if it was
+        parsed, and None otherwise.
+        """
+        method = getattr(self, "_command", None)
+        target = getattr(self, "_path", None)
+        version = getattr(self, "_version", None)
+        if telemetry.observers:
+            telemetry.emit(
+                "http.request.reject",
+                method=None if method is None else method.decode("latin-1"),
+                status=status,
+            )
+        log_request = getattr(self.site, "log", None)
+        if log_request is None:
+            return
+        headers = self.requests[-1].requestHeaders if self.requests else None
+        record = RejectedRequest(
+            method,
+            target,
+            version,
+            headers,
+            self.transport.getPeer(),
+            status,
+            sent_length,
+        )
+        log_request(record)
 
     def _close(self) -> None:
         """
@@ -793,8 +833,12 @@ def _diagnose(parsing: tuple[str, bytes] | None) -> str:
     return "invalid header field"
 
 
+def _error_body(reason: str) -> bytes:
+    return reason.encode("ascii") + b"\n"
+
+
 def _error_response(status: int, reason: str, now: float) -> bytes:
-    body = reason.encode("ascii") + b"\n"
+    body = _error_body(reason)
     return b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, _REASON_PHRASES[status]),

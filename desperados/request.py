@@ -15,6 +15,7 @@ from twisted.web.http import RESPONSES, parse_qs
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from desperados import telemetry
 from desperados._logging import observer as log_observer
 from desperados.body import RequestBody
 from desperados.errors import (
@@ -240,6 +241,12 @@ class StreamingRequest(Request):
             status=error.status,
             reason=str(error),
         )
+        if telemetry.observers:
+            telemetry.emit(
+                "http.request.reject",
+                method=self.method.decode("latin-1"),
+                status=error.status,
+            )
         if self.body is not None:
             self.body.fail(error)
         message = str(error).encode("utf-8")
@@ -418,8 +425,8 @@ class StreamingChannel(DesperadosChannel):
         fast_path.take_back()
 
     def loseConnection(self) -> None:
-        # Lingering keeps reading, so that neither the body nobody read nor
-        # a request sent after this response makes the kernel reset the
+        # Lingering keeps reading, so that neither an unread request body
+        # nor a request sent after this response makes the kernel reset the
         # connection and destroy the response's tail.
         self._close()
 

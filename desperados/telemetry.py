@@ -14,6 +14,9 @@ Events and their fields:
 - C{http.request.stop}: a response was finished or the client went away;
   C{method}, C{status} (C{None} when nothing was sent) and C{duration} in
   seconds.  An upgraded request stops with status 101.
+- C{http.request.reject}: a malformed or too large request was rejected
+  before the pipeline ran; C{method} (C{None} when the request line was not
+  parsed) and C{status}.  It has no C{duration}.
 - C{websocket.upgrade.reject}: an upgrade request was answered with an error;
   C{status} and C{reason}.
 - C{websocket.open}, C{websocket.close}: a WebSocket handler started or ended.

@@ -225,3 +225,47 @@ def test_failed_write_is_logged_not_raised(tmp_path, logs):
 
     [error] = logs.with_format("cannot write to the access log")
     assert "No space left" in error["error"]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "request_line"),
+    [
+        (b"\x01\x02 garbage\r\n\r\n", 400, "-"),
+        (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n", 414, "-"),
+        (
+            b"GET /big HTTP/1.1\r\nHost: h\r\nUser-Agent: agent/2\r\n"
+            b"X: " + b"y" * 20_000 + b"\r\n\r\n",
+            431,
+            "GET /big HTTP/1.1",
+        ),
+        (
+            b"GET /e HTTP/1.1\r\nHost: h\r\nExpect: tea\r\n\r\n",
+            417,
+            "GET /e HTTP/1.1",
+        ),
+        (
+            b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999\r\n\r\n",
+            413,
+            "POST /up HTTP/1.1",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_rejected_request_gets_line(
+    serve, tmp_path, request_bytes, status, request_line
+):
+    path = tmp_path / "access.log"
+    port = await serve(_ok, access_log=str(path))
+    client = await connect(port)
+
+    client.send(request_bytes)
+    response = await client.read_response()
+    await client.wait_closed()
+    lines = await _until_lines(path, 1)
+
+    assert response.status == status
+    assert len(lines) == 1
+    assert lines[0]["host"] == "127.0.0.1"
+    assert lines[0]["request"] == request_line
+    assert lines[0]["status"] == str(status)
+    assert lines[0]["size"] == str(len(response.body))

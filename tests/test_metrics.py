@@ -87,6 +87,28 @@ async def test_metrics_counts_http_requests(serve):
 
 
 @pytest_twisted.ensureDeferred
+async def test_metrics_counts_rejected_requests(serve):
+    port = await serve(_pipeline())
+
+    status = await _request(port, b"\x01\x02 garbage\r\n\r\n")
+    assert status == 400
+    status = await _request(
+        port, b"GET /a HTTP/1.1\r\nHost: h\r\nX: " + b"y" * 20_000 + b"\r\n\r\n"
+    )
+    assert status == 431
+    status = await _request(
+        port, b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999\r\n\r\n"
+    )
+    assert status == 413
+    samples = await _scrape(port)
+
+    requests = "desperados_http_requests_total"
+    assert samples[(requests, (("method", "other"), ("status", "400")))] == 1
+    assert samples[(requests, (("method", "GET"), ("status", "431")))] == 1
+    assert samples[(requests, (("method", "POST"), ("status", "413")))] == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_counts_websocket_traffic(serve):
     port = await serve(_pipeline())
     client = await connect(port)

@@ -91,6 +91,11 @@ class _Collector:
                 method, "none" if status is None else str(status)
             ).inc()
             self.duration.labels(method).observe(fields["duration"])
+        elif event == "http.request.reject":
+            method = fields["method"]
+            if method not in _METHODS:
+                method = "other"
+            self.requests.labels(method, str(fields["status"])).inc()
         elif event == "http.connection.open":
             self.connections.inc()
         elif event == "http.connection.close" or event == "http.connection.upgrade":

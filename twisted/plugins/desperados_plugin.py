@@ -148,8 +148,9 @@ class Options(usage.Options):
             "linger-timeout",
             None,
             "2",
-            "Seconds a connection closed after an error keeps reading before "
-            "it is aborted.",
+            "Seconds a connection keeps reading after its closing response "
+            "(an error, connection: close, HTTP/1.0) is sent, before it is "
+            "aborted.",
         ],
         [
             "tls-handshake-timeout",
