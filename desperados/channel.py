@@ -136,6 +136,9 @@ class HTTPChannelSelector(HalfCloseable, _GenericHTTPChannelProtocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_handshake_timeout()
+        fast_path = self.fast_path
+        if fast_path is not None:
+            fast_path.connection_lost(reason)
         try:
             self._channel.connectionLost(reason)
         finally:

@@ -214,7 +214,7 @@ def _drain_http(protocol: HTTPChannelSelector) -> None:
 
 
 def _drain_http1(channel: HTTPChannel) -> None:
-    if not channel.requests:
+    if not channel.requests and getattr(channel, "waiting_request", None) is None:
         # Idle keep-alive, or a request head still arriving: RFC 9112
         # section 9.6 lets a server close such a connection at any time, and
         # clients retry requests it had not started.

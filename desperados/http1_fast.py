@@ -12,12 +12,19 @@ L{desperados.request.StreamingChannel} in one of two ways:
     handed over before the pipeline runs, together with every byte that
     follows it.  The channel sends its own error response for an invalid
     head and closes the connection.
-  - A request whose pipeline needs more than C{send_resp} (a Deferred that
-    has not fired, a streamed or file response, an informational response,
-    an upgrade, a failure) is passed on while it runs.  The channel parses
-    the same head again, and the bridge puts the new twisted.web request
-    under the running Conn instead of running the pipeline twice (see
-    L{desperados.resource.PlugResource.render}).
+  - A request whose pipeline needs more than C{send_resp} and the read of
+    the empty body (a streamed or file response, an informational
+    response, a failure before the pipeline waits) is passed on while it
+    runs.  The channel parses the same head again, and the bridge puts the
+    new twisted.web request under the running Conn instead of running the
+    pipeline twice (see L{desperados.resource.PlugResource.render}).
+
+A pipeline that waits on a Deferred that has not fired is carried here
+(L{FastPath._wait}) by the bridge's own C{PlugResource.complete}, with the
+response timeout, the client leaving and a drain giving up on it.  Bytes
+that arrive meanwhile are kept and served after its response.  If the
+pipeline calls a function of the first kind after the wait, the request
+and the kept bytes are passed on at that point.
 
 Once the channel has no request in flight and no byte buffered, it gives
 a persistent connection back to this path (L{FastPath.take_back}).
@@ -38,7 +45,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
-from twisted.web.http_headers import _nameEncoder
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.server import unquote
 
 from desperados import telemetry
@@ -73,7 +80,7 @@ _HTTP11 = b"HTTP/1.1"
 # The channel keeps a connection for good once it has given it back this
 # many times in a row and each time the next request was handed over again.
 # Such a request has its head parsed twice, so a connection whose every
-# request needs the channel (a pipeline that always waits on a Deferred)
+# request needs the channel (a pipeline that always streams its response)
 # pays that twice and then costs what it costs without this path.
 _MAX_FUTILE_RETURNS = 2
 
@@ -114,6 +121,9 @@ class FastPath:
         # been served here since.
         self._returned = False
         self._futile_returns = 0
+        # The request whose pipeline this path is waiting for.
+        self._waiting: _WaitingRequest | None = None
+        self._paused = False
 
     def data_received(self, data: bytes) -> None:
         """
@@ -121,6 +131,10 @@ class FastPath:
         """
         if self._closed:
             # As the channel does after a response with connection: close.
+            return
+        waiting = self._waiting
+        if waiting is not None:
+            self._buffer(waiting, data)
             return
         while data:
             end = data.find(b"\r\n\r\n")
@@ -132,7 +146,7 @@ class FastPath:
             if request is None:
                 self.hand_over(data)
                 return
-            if not self._serve(request, data):
+            if not self._serve(request, data, end + 4):
                 return
             data = data[end + 4 :]
 
@@ -153,6 +167,39 @@ class FastPath:
         if data:
             self._channel.dataReceived(data)
 
+    def _buffer(self, waiting: _WaitingRequest, data: bytes) -> None:
+        """
+        Keep C{data}, which follows the request that C{waiting} carries.
+
+        Past the channel's C{_optimisticEagerReadSize}, reading stops until
+        the response is written, as twisted.web's channel does with the
+        requests pipelined behind one in flight.
+        """
+        adapter = waiting.adapter
+        adapter._data += data
+        if (
+            not self._paused
+            and len(adapter._data) - waiting.head_length
+            > self._channel._optimisticEagerReadSize
+        ):
+            self._paused = True
+            self._transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._transport.resumeProducing()
+
+    def connection_lost(self, reason: Failure) -> None:
+        """
+        Tell the request that this path waits for, if any, that its client left.
+        """
+        self._closed = True
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            self._channel.waiting_request = None
+            waiting.client_gone(reason)
+
     def take_back(self) -> None:
         """
         Serve the connection's next requests here again.
@@ -164,9 +211,10 @@ class FastPath:
 
     # Serving one request
 
-    def _serve(self, request: _ParsedRequest, data: bytes) -> bool:
+    def _serve(self, request: _ParsedRequest, data: bytes, end_of_head: int) -> bool:
         """
-        Run the pipeline for C{request}, whose head starts C{data}.
+        Run the pipeline for C{request}, whose head of C{end_of_head} bytes
+        starts C{data}.
 
         :returns: whether this path goes on with the next request.
         """
@@ -208,6 +256,10 @@ class FastPath:
             # As PlugResource.render: the plug's failure gets a 500.
             result = Failure()
 
+        if adapter.is_fresh() and isinstance(result, Deferred):
+            # The pipeline waits, and has only called what this path serves.
+            self._wait(adapter, conn, result, end_of_head)
+            return False
         if adapter.is_fresh():
             try:
                 adapter.pass_on(conn)
@@ -231,6 +283,61 @@ class FastPath:
             channel.loseConnection()
             return False
         return True
+
+    def _wait(
+        self,
+        adapter: _FastAdapter,
+        conn: Conn,
+        pending: Deferred[Any],
+        head_length: int,
+    ) -> None:
+        """
+        Keep the connection while C{pending} runs, then write its response.
+
+        L{PlugResource.complete} carries the request as for a twisted.web
+        request: the response timeout, the client leaving, a drain giving
+        up on it and a failure.  Bytes that arrive meanwhile are kept (see
+        L{_buffer}) and served once the response is written.
+        """
+        waiting = _WaitingRequest(self, adapter, head_length)
+        adapter.waiting = waiting
+        self._waiting = waiting
+        channel = self._channel
+        # A drain counts the request as in flight and waits for it.
+        channel.waiting_request = waiting
+        # No idle timeout while the server, not the client, is the slow one.
+        channel._set_deadline(None, None)
+        self._resource.complete(pending, waiting, conn)
+
+    def finish_waiting(self, waiting: _WaitingRequest, persistent: bool) -> None:
+        """
+        Serve the requests buffered behind C{waiting}, whose response is written.
+        """
+        if self._waiting is not waiting:
+            return
+        self._waiting = None
+        channel = self._channel
+        channel.waiting_request = None
+        self._returned = False
+        self._futile_returns = 0
+        channel.served_elsewhere(persistent)
+        if not persistent:
+            self._closed = True
+            channel.loseConnection()
+            return
+        self._resume_reading()
+        rest = waiting.adapter._data[waiting.head_length :]
+        if rest:
+            self.data_received(rest)
+
+    def pass_on_waiting(self, waiting: _WaitingRequest) -> None:
+        """
+        Stop keeping bytes for C{waiting}, whose request goes to the channel.
+        """
+        self._waiting = None
+        self._channel.waiting_request = None
+        # The channel pauses and resumes reading by its own rules.
+        self._resume_reading()
 
     def write_response(
         self, request: _ParsedRequest, conn: Conn, body: bytes, persistent: bool
@@ -307,6 +414,7 @@ class _FastAdapter:
         "passed_on",
         "record",
         "started",
+        "waiting",
     )
 
     def __init__(
@@ -322,6 +430,7 @@ class _FastAdapter:
         )
         self.record: _SentRequest | None = None
         self.passed_on: Any = None
+        self.waiting: _WaitingRequest | None = None
 
     def is_fresh(self) -> bool:
         """
@@ -342,6 +451,9 @@ class _FastAdapter:
         """
         path = self._path
         channel = path._channel
+        waiting = self.waiting
+        if waiting is not None:
+            path.pass_on_waiting(waiting)
         channel.adopted_conn = conn
         path.hand_over(self._data)
         if channel.adopted_conn is not None:
@@ -356,6 +468,8 @@ class _FastAdapter:
             msg = "the connection was closed"
             raise ClientDisconnectedError(msg)
         self.passed_on = conn.adapter.request
+        if waiting is not None:
+            waiting.pass_on(self.passed_on)
         return conn.adapter
 
     def _channel_adapter(self, conn: Conn) -> Any:
@@ -379,6 +493,10 @@ class _FastAdapter:
                         status=conn.status,
                         duration=perf_counter() - started,
                     )
+                waiting = self.waiting
+                if waiting is not None:
+                    waiting.finished = True
+                    self._path.finish_waiting(waiting, self.record.persistent)
                 return
         self._channel_adapter(conn).send_resp(conn, body)
 
@@ -406,6 +524,154 @@ class _FastAdapter:
 
     def inform(self, conn: Conn, status: int, headers: list[tuple[str, str]]) -> None:
         self._channel_adapter(conn).inform(conn, status, headers)
+
+
+class _WaitingRequest:
+    """
+    A request whose pipeline L{FastPath} waits for, as the twisted.web
+    request that L{PlugResource.complete} finishes.
+
+    It provides what the bridge's C{_wait}, C{_finish}, C{_fail} and
+    C{_send_error} use: an error response is written with one
+    C{transport.write}, as twisted.web writes it.  Once the request is
+    passed on to the channel, these go to the channel's request.
+
+    :ivar head_length: the length of the request head, with its blank
+        line, at the start of the adapter's bytes.
+    """
+
+    clientproto = _HTTP11
+    startedWriting = False  # noqa: N815
+    sentLength = 0  # noqa: N815
+    _passed_on: Any = None
+
+    def __init__(self, path: FastPath, adapter: _FastAdapter, head_length: int):
+        self._path = path
+        self.adapter = adapter
+        self.head_length = head_length
+        self.channel = path._channel
+        self.finished = False
+        self._disconnected = False
+        self._finish_notifications: list[Deferred[None]] = []
+        self.access_log_client: str | None = None
+        self.code = 200
+        self._body: list[bytes] = []
+        # The headers twisted.web's Request has at this point: Connection
+        # from checkPersistence, then Date from Request.process.
+        self.responseHeaders = Headers()  # noqa: N815
+        if not adapter._persistent:
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.responseHeaders.setRawHeaders(b"date", [_http_date()])
+
+    def __getattribute__(self, name: str) -> Any:
+        passed_on = object.__getattribute__(self, "_passed_on")
+        if passed_on is not None and name not in _OWN_ATTRIBUTES:
+            return getattr(passed_on, name)
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        passed_on = self._passed_on
+        if passed_on is not None and name not in _OWN_ATTRIBUTES:
+            setattr(passed_on, name, value)
+            return
+        object.__setattr__(self, name, value)
+
+    def pass_on(self, request: Any) -> None:
+        """
+        Carry on as C{request}, the channel's request for the same head.
+        """
+        notifications, self._finish_notifications = self._finish_notifications, []
+        self._passed_on = request
+        for notification in notifications:
+            request.notifyFinish().chainDeferred(notification)
+
+    def notifyFinish(self) -> Deferred[None]:  # noqa: N802
+        finished: Deferred[None] = Deferred()
+        if self.finished:
+            finished.callback(None)
+        elif self._disconnected:
+            finished.errback(Failure(ClientDisconnectedError("client disconnected")))
+        else:
+            self._finish_notifications.append(finished)
+        return finished
+
+    def client_gone(self, reason: Failure) -> None:
+        """
+        Log the request as left by its client and fail its finish notifications.
+        """
+        if self.finished:
+            return
+        self._disconnected = True
+        adapter = self.adapter
+        path = self._path
+        # As StreamingRequest.connectionLost: the access log gets the line
+        # of a request that never finished.
+        record = _SentRequest(adapter._request, path._client, self.code, 0, False)
+        record.finished = record.startedWriting = False
+        self._record_end(record, None)
+        notifications, self._finish_notifications = self._finish_notifications, []
+        for notification in notifications:
+            notification.errback(reason)
+
+    def _record_end(self, record: _SentRequest, status: int | None) -> None:
+        """
+        Log C{record} to the access log and emit C{http.request.stop}.
+
+        :param status: the status sent, or None if the client left first.
+        """
+        record.access_log_client = self.access_log_client
+        self.channel.site.log(record)
+        adapter = self.adapter
+        started = adapter.started
+        if started is not None and telemetry.observers:
+            telemetry.emit(
+                "http.request.stop",
+                method=adapter._request.method.decode("latin-1"),
+                status=status,
+                duration=perf_counter() - started,
+            )
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:  # noqa: N802
+        self.code = code
+
+    def write(self, data: bytes) -> None:
+        self._body.append(data)
+
+    def finish(self) -> None:
+        """
+        Write the error response that the bridge built, then carry on.
+        """
+        if self.finished or self._disconnected:
+            return
+        self.finished = True
+        body = b"".join(self._body)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.code, reason_phrase(self.code))]
+        persistent = self.adapter._persistent
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%s: %s\r\n" % (name, value))
+            if name.lower() == b"connection" and lists_close(values):
+                persistent = False
+        lines.append(b"\r\n")
+        lines.append(body)
+        path = self._path
+        path._transport.write(b"".join(lines))
+
+        adapter = self.adapter
+        record = _SentRequest(
+            adapter._request, path._client, self.code, len(body), persistent
+        )
+        adapter.record = record
+        self._record_end(record, self.code)
+        for notification in self._finish_notifications:
+            notification.callback(None)
+        self._finish_notifications = []
+        path.finish_waiting(self, persistent)
+
+
+# The attributes that a _WaitingRequest keeps once passed on to the
+# channel.  It reads and sets every other one on the channel's request.
+_OWN_ATTRIBUTES = frozenset(["_passed_on", "__dict__", "adapter", "head_length"])
 
 
 def _nothing() -> None:

@@ -335,6 +335,9 @@ class StreamingChannel(DesperadosChannel):
     """The L{desperados.http1_fast.FastPath} that handed this connection over,
     which gets it back once the connection is idle (see L{_give_back})."""
 
+    waiting_request: Any = None
+    """The request whose pipeline L{desperados.http1_fast.FastPath} waits for."""
+
     _closing = False
     """Whether the connection closes after a response sent before the body's end."""
 

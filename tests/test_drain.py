@@ -60,10 +60,13 @@ class Waiting:
 
 
 async def _requests_in_flight(server, count: int) -> None:
-    # Wait until the server has parsed C{count} request heads.
+    # Wait until the server has parsed C{count} request heads, on the
+    # channel or waiting on the fast path.
     while True:
-        protocols = server.site.connections.values()
-        if sum(len(protocol._channel.requests) for protocol in protocols) >= count:
+        channels = [protocol._channel for protocol in server.site.connections.values()]
+        parsed = sum(len(channel.requests) for channel in channels)
+        parsed += sum(channel.waiting_request is not None for channel in channels)
+        if parsed >= count:
             return
         await deferLater(reactor, 0.01)
 

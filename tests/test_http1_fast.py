@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 from support import RawClient, upgrade_request
 from twisted.internet import reactor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
@@ -405,7 +405,7 @@ async def _read_empty_body(conn):
 @pytest.mark.parametrize(
     ("respond", "status", "passed_on", "fast_path_back"),
     [
-        (_later_404, 404, True, True),
+        (_later_404, 404, False, True),
         (_stream, 200, True, True),
         (_inform_then_404, 103, True, True),
         # The response to a failed pipeline closes the connection.
@@ -450,10 +450,14 @@ async def test_pipeline_runs_once_on_either_path(
 
 
 async def _later_on_slow_path(conn, opts):
-    # Only /slow waits, so its request is passed on to the channel.
-    if conn.request_path == "/slow":
-        await deferLater(reactor, 0, lambda: None)
-    return conn.send_resp(404, conn.request_path).halt()
+    # Only /slow waits, then streams its response, so its request is passed
+    # on to the channel.
+    if conn.request_path != "/slow":
+        return conn.send_resp(404, conn.request_path).halt()
+    await deferLater(reactor, 0, lambda: None)
+    conn.send_chunked(404)
+    await conn.chunk(conn.request_path)
+    return conn.halt()
 
 
 SLOW = GET.replace(b"/a/b?x=1", b"/slow")
@@ -759,3 +763,223 @@ def test_builder_pipeline_is_served_fast():
     assert transport.value().startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert protocol.fast_path is not None
     transport.loseConnection()
+
+
+# A pipeline that waits on a Deferred and then only sends a whole response
+# is served on the fast path, which carries the wait as the channel does.
+
+
+async def _wait_then_send(conn, opts):
+    await deferLater(reactor, 0, lambda: None)
+    return conn.send_resp(200, conn.request_path).halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_pipeline_stays_on_fast_path(listen):
+    site = make_test_site(_wait_then_send)
+    client = await open_client(listen, site)
+    client.send(SLOW + FAST + SLOW + FAST)
+    bodies = [(await client.read_response()).body for _ in range(4)]
+    client.transport.loseConnection()
+    assert bodies == [b"/slow", b"/fast", b"/slow", b"/fast"]
+    assert site.channel_requests == 0
+    assert fast_path_of(site) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_pipeline_matches_channel_bytes(listen):
+    fast, slow, fast_site = await both_paths(
+        listen, GET + GET, _wait_then_send, heads=(False, False)
+    )
+    assert fast == slow
+    assert fast.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert fast_site.channel_requests == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_bytes_past_bound_pause_reading(listen):
+    """
+    Pipelined requests beyond the channel's eager read size pause reading
+    until the waiting response is written, and are then served in order.
+    """
+    site = make_test_site(_wait_then_send)
+    client = await open_client(listen, site)
+    count = 2 + 64 * 1024 // len(FAST)
+    client.send(SLOW + FAST * count)
+    bodies = [(await client.read_response()).body for _ in range(count + 1)]
+    client.transport.loseConnection()
+    assert bodies == [b"/slow"] + [b"/fast"] * count
+    assert site.channel_requests == 0
+
+
+class _Never:
+    """
+    A plug whose Deferred never fires unless cancelled.
+    """
+
+    def __init__(self) -> None:
+        self.cancelled: Deferred = Deferred()
+
+    def __call__(self, conn, opts):
+        def cancel(_: Deferred) -> None:
+            self.cancelled.callback(None)
+
+        return Deferred(cancel)
+
+
+@pytest_twisted.ensureDeferred
+async def test_response_timeout_on_waiting_fast_request(listen, logs):
+    received = {}
+    for fast in (True, False):
+        plug = _Never()
+        site = make_test_site(plug, fast=fast, response_timeout=0.05)
+        data, client = await exchange(listen, site, GET)
+        await client.wait_closed()
+        await plug.cancelled
+        received[fast] = (data, site.channel_requests)
+    assert received[True][0] == received[False][0]
+    assert received[True][0].startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"\r\nConnection: close\r\n" in received[True][0]
+    assert received[True][1] == 0
+    assert len(logs.with_format("did not finish")) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_cancels_waiting_fast_request(listen, logs):
+    observer = _Events()
+    telemetry.add_observer(observer)
+    try:
+        plug = _Never()
+        site = make_test_site(plug)
+        client = await open_client(listen, site)
+        client.send(GET)
+        while not site.plug_resource._waiting:
+            await deferLater(reactor, 0.01, lambda: None)
+        client.transport.loseConnection()
+        await plug.cancelled
+    finally:
+        telemetry.remove_observer(observer)
+    stops = [f for event, f in observer.events if event == "http.request.stop"]
+    assert site.channel_requests == 0
+    assert site.plug_resource._waiting == {}
+    assert [stop["status"] for stop in stops] == [None]
+    assert [event for event in logs.events if "log_failure" in event] == []
+
+
+async def _wait_then_raise(conn, opts):
+    await deferLater(reactor, 0, lambda: None)
+    raise RuntimeError("plug failed after waiting")
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_wait_gets_500_logged_once(listen, logs):
+    fast, slow, fast_site = await both_paths(listen, GET, _wait_then_raise)
+    assert fast == slow
+    assert fast.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"\r\nConnection: close\r\n" in fast
+    assert fast_site.channel_requests == 0
+    assert len(logs.with_format("raised while handling")) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_timeout_sends_503_to_waiting_fast_request(listen, logs):
+    received = {}
+    for fast in (True, False):
+        plug = _Never()
+        site = make_test_site(plug, fast=fast)
+        client = await open_client(listen, site)
+        client.send(GET)
+        while not site.plug_resource._waiting:
+            await deferLater(reactor, 0.01, lambda: None)
+        drained = site.drain(timeout=0.05)
+        response = await client.read_response()
+        await client.wait_closed()
+        await drained
+        await plug.cancelled
+        received[fast] = (response, site.channel_requests)
+    response, channel_requests = received[True]
+    assert response.status == 503
+    assert response.header("connection") == "close"
+    assert response.body == b"server is shutting down"
+    assert channel_requests == 0
+    assert received[False][0].body == response.body
+
+
+async def _wait_then_inform(conn, opts):
+    await deferLater(reactor, 0, lambda: None)
+    conn.inform(103, [("link", "</s.css>; rel=preload")])
+    return conn.send_resp(200, "after 103").halt()
+
+
+async def _wait_then_file(conn, opts):
+    await deferLater(reactor, 0, lambda: None)
+    return conn.send_file(200, opts).halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inform_after_wait_is_passed_on(listen):
+    fast, slow, fast_site = await both_paths(
+        listen, GET + FAST, _wait_then_inform, heads=(False, False, False)
+    )
+    assert fast == slow
+    assert fast.startswith(b"HTTP/1.1 103 ")
+    assert fast_site.channel_requests == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_after_wait_is_passed_on(listen, tmp_path):
+    path = tmp_path / "file.txt"
+    path.write_bytes(b"file body")
+    fast_site = make_test_site(Builder([(_wait_then_file, str(path))]))
+    fast, client = await exchange(listen, fast_site, GET + FAST, heads=(False, False))
+    client.transport.loseConnection()
+    assert fast.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert fast.count(b"file body") == 2
+    assert fast_site.channel_requests == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_of_waiting_request_matches_channel(listen, tmp_path):
+    lines = []
+    for fast in (True, False):
+        path = tmp_path / f"access-{fast}.log"
+        site = make_test_site(_wait_then_send, fast=fast, access_log=str(path))
+        _, client = await exchange(listen, site, GET)
+        client.transport.loseConnection()
+        site.access_log.close()
+        (line,) = path.read_text().splitlines()
+        lines.append(re.sub(r"\[[^]]*\]", "[time]", line))
+    assert lines[0] == lines[1]
+    assert '"GET /a/b?x=1 HTTP/1.1" 200 4 "-" "test"' in lines[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_request_emits_request_stop(listen):
+    observer = _Events()
+    telemetry.add_observer(observer)
+    try:
+        site = make_test_site(_wait_then_send)
+        _, client = await exchange(listen, site, GET)
+        client.transport.loseConnection()
+    finally:
+        telemetry.remove_observer(observer)
+    stops = [f for event, f in observer.events if event == "http.request.stop"]
+    assert [stop["status"] for stop in stops] == [200]
+    assert site.channel_requests == 0
+
+
+async def _wait_then_upgrade(conn, opts):
+    await deferLater(reactor, 0, lambda: None)
+    return conn.upgrade("desperados.endpoints.Websocket").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_after_wait_matches_channel(listen, logs):
+    """
+    The fast path never gets the Upgrade header, so the upgrade is rejected.
+    """
+    fast, slow, fast_site = await both_paths(listen, GET, _wait_then_upgrade)
+    assert fast == slow
+    assert fast.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"\r\nConnection: close\r\n" in fast
+    assert fast_site.channel_requests == 0
