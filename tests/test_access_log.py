@@ -15,6 +15,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
+from desperados import HTTPOptions
+
 pytestmark = pytest.mark.usefixtures("both_http1_paths")
 
 COMBINED = re.compile(
@@ -269,3 +271,52 @@ async def test_rejected_request_gets_line(
     assert lines[0]["request"] == request_line
     assert lines[0]["status"] == str(status)
     assert lines[0]["size"] == str(len(response.body))
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_timeout_gets_line(serve, tmp_path):
+    path = tmp_path / "access.log"
+    port = await serve(
+        _ok, access_log=str(path), http_options=HTTPOptions(header_timeout=0.2)
+    )
+    client = await connect(port)
+
+    client.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n")
+    response = await client.read_response()
+    await client.wait_closed()
+    lines = await _until_lines(path, 1)
+
+    assert response.status == 408
+    assert len(lines) == 1
+    assert lines[0]["request"] == "GET /slow HTTP/1.1"
+    assert lines[0]["status"] == "408"
+
+
+async def _read_whole_body(conn, opts):
+    more = True
+    while more:
+        _, more = await conn.read_body()
+    return conn.send_resp(200, b"read").halt()
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_timeout_in_pipeline_gets_one_line(serve, tmp_path):
+    # The pipeline is reading the body, so the request writes its own line.
+    path = tmp_path / "access.log"
+    port = await serve(
+        _read_whole_body,
+        access_log=str(path),
+        http_options=HTTPOptions(body_timeout=0.2),
+    )
+    client = await connect(port)
+
+    client.send(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    response = await client.read_response()
+    await client.wait_closed()
+    lines = await _until_lines(path, 1)
+    # Give a second line the time to appear.
+    await deferLater(reactor, 0.2)
+
+    assert response.status == 408
+    assert len(_lines(path)) == 1
+    assert lines[0]["request"] == "POST /up HTTP/1.1"
