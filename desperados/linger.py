@@ -141,8 +141,9 @@ class Linger:
             and self._reactor.seconds() - self._stalled_since >= self._stall_timeout
         ):
             log.info(
-                "aborting a closing connection: the client read nothing of "
-                "{queued} bytes for {seconds} seconds",
+                "aborting the closing connection from {peer}: none of its "
+                "{queued} queued bytes were sent in {seconds} seconds",
+                peer=self._transport.getPeer(),
                 queued=queued,
                 seconds=self._stall_timeout,
             )

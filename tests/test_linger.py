@@ -103,7 +103,7 @@ async def test_client_that_never_closes_is_aborted(serve):
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_that_never_reads_is_aborted(serve):
+async def test_client_that_never_reads_is_aborted(serve, logs):
     options = HTTPOptions(linger_timeout=0.2, keepalive_timeout=0.5)
     port = await serve(_big, http_options=options)
     client = await connect(port)
@@ -117,6 +117,7 @@ async def test_client_that_never_reads_is_aborted(serve):
 
     assert client.buffer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert len(client.buffer) < len(BIG)
+    assert logs.with_format("aborting the closing connection")
 
 
 @pytest.mark.parametrize(
