@@ -8,7 +8,7 @@ from desperados.builder import Builder  # noqa: E402
 from desperados.compression import Compression  # noqa: E402
 from desperados.conn import Conn  # noqa: E402
 from desperados.errors import DesperadosError  # noqa: E402
-from desperados.http1 import HTTPOptions  # noqa: E402
+from desperados.http1_options import HTTPOptions  # noqa: E402
 from desperados.interfaces import IPlug, IWebSock, IWebSockControl  # noqa: E402
 from desperados.resource import PlugResource  # noqa: E402
 from desperados.router import Router  # noqa: E402

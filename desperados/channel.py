@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from zope.interface import implementer
 
-from desperados.http1 import ConnectionLimit, handshake_timed_out
+from desperados.connection_limit import ConnectionLimit, handshake_timed_out
 from desperados.http1_fast import FastPath
 from desperados.http2 import H2Connection
 from desperados.linger import HalfCloseable

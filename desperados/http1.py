@@ -7,16 +7,14 @@ request head (408), keep-alive and body read timeouts, a maximum number of
 requests per connection, and strict parsing of the request line and header
 fields as RFC 9112 and RFC 9110 require.  Every error response carries
 C{connection: close}, and nothing the client sends after it is parsed.
-L{ConnectionLimit} limits the number of open connections of a Site.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import (
@@ -29,100 +27,10 @@ from twisted.web.http import (
 from desperados import telemetry
 from desperados._logging import observer as log_observer
 from desperados.access_log import RejectedRequest
-from desperados.linger import HalfCloseable, Linger, linger_close
+from desperados.http1_options import HTTPOptions
+from desperados.linger import Linger, linger_close
 
 log = Logger(namespace="desperados.http1", observer=log_observer)
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPOptions:
-    """
-    Limits and timeouts of HTTP/1.1 connections.
-
-    The defaults are meant for a server on the open internet.  The line
-    and header limits and C{max_requests} are Bandit's defaults, and
-    C{max_connections} and the timeouts are those of Thousand Island, the
-    socket layer under Bandit.  Bandit has no limit on the whole head; 64
-    KiB keeps the memory a connection can take while its head arrives
-    within four times the 16 KiB of twisted.web and Node.js.
-
-    :ivar max_request_line_length: the longest request line accepted, in
-        bytes without the CRLF; longer ones get 414.
-    :ivar max_header_length: the longest header field line accepted, name
-        and value, in bytes without the CRLF; longer ones get 431.
-    :ivar max_header_count: the maximum number of header fields in one
-        request; more get 431.
-    :ivar max_head_size: the largest request head accepted, request line
-        and header field lines without their CRLFs, in bytes; larger ones
-        get 431.
-    :ivar max_requests: requests served on one connection before the
-        response carries C{connection: close}; C{None} for no limit.
-    :ivar max_connections: the maximum number of open connections,
-        WebSockets included.  A new connection beyond it gets 503 and is
-        closed, and the open ones are not affected.  C{None} for no limit.
-    :ivar keepalive_timeout: seconds a connection may wait for the first
-        byte of its next request (or of its first one) before it is closed
-        without a response.  It is also the idle timeout of HTTP/2
-        connections, and a closing connection whose client reads nothing
-        of the response for this long is aborted.
-    :ivar header_timeout: seconds from the first byte of a request until
-        its head is complete; then 408.  Bytes that trickle in do not
-        extend it.
-    :ivar body_timeout: seconds without any byte of the request body while
-        the body is being received; then 408.
-    :ivar linger_timeout: seconds that a closing connection keeps reading
-        and discarding input after its last response has been sent, before
-        it is aborted, so that a client still sending gets the whole
-        response instead of a TCP reset.
-    :ivar tls_handshake_timeout: seconds from the TCP connection until the
-        TLS handshake is complete; then the connection is aborted, since
-        no HTTP response can be sent yet.  C{None} for no limit other than
-        C{keepalive_timeout}.
-    """
-
-    max_request_line_length: int = 10_000
-    max_header_length: int = 10_000
-    max_header_count: int = 50
-    max_head_size: int = 65_536
-    max_requests: int | None = None
-    max_connections: int | None = 16_384
-    keepalive_timeout: float | None = 60.0
-    header_timeout: float | None = 60.0
-    body_timeout: float | None = 60.0
-    linger_timeout: float = 2.0
-    tls_handshake_timeout: float | None = 10.0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_request_line_length",
-            "max_header_length",
-            "max_header_count",
-            "max_head_size",
-        ):
-            _check_positive(name, getattr(self, name), int, optional=False)
-        for name in ("max_requests", "max_connections"):
-            _check_positive(name, getattr(self, name), int, optional=True)
-        for name in (
-            "keepalive_timeout",
-            "header_timeout",
-            "body_timeout",
-            "tls_handshake_timeout",
-        ):
-            _check_positive(name, getattr(self, name), (int, float), optional=True)
-        _check_positive(
-            "linger_timeout", self.linger_timeout, (int, float), optional=False
-        )
-
-
-def _check_positive(name: str, value: object, kind: Any, *, optional: bool) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        expected = "a positive number" if kind is not int else "a positive int"
-        if optional:
-            expected += " or None"
-        msg = f"expected {expected} for {name}, got {value!r}"
-        raise ValueError(msg)
 
 
 # Bytes allowed in a request line: visible ASCII and SP (RFC 9112 section 3).
@@ -849,112 +757,3 @@ def _error_response(status: int, reason: str, now: float) -> bytes:
             body,
         ]
     )
-
-
-class ConnectionLimit:
-    """
-    Counts a Site's open connections and rejects those beyond its limit.
-
-    The protocols that L{build} returns count themselves: they call L{add}
-    once connected and L{remove} once lost.  L{desperados.channel.HTTPChannelSelector}
-    does, and a WebSocket hand-off moves the count to the WebSocket
-    protocol, which calls L{remove} when the connection is lost.
-
-    :param limit: the maximum number of open connections, or None for no limit.
-    :param reactor: the reactor that schedules the abort of rejected ones.
-    :param linger_timeout: see L{HTTPOptions.linger_timeout}.
-    :param tls_handshake_timeout: see L{HTTPOptions.tls_handshake_timeout}.
-    :ivar count: the number of open connections, rejected ones not included.
-    """
-
-    def __init__(
-        self,
-        limit: int | None,
-        reactor: Any,
-        linger_timeout: float,
-        tls_handshake_timeout: float | None = None,
-    ) -> None:
-        self.limit = limit
-        self.count = 0
-        self.reactor = reactor
-        self.tls_handshake_timeout = tls_handshake_timeout
-        self._linger_timeout = linger_timeout
-        self._rejected_count = 0
-
-    def build(self, build_protocol: Any, addr: Any) -> Any:
-        """
-        Return C{build_protocol(addr)}, or a protocol that rejects the connection.
-
-        The protocol built gets this limit as its C{connection_limit}.
-        """
-        if self.limit is not None and self.count >= self.limit:
-            if self._rejected_count == 0:
-                log.warn(
-                    "reached the limit of {max_connections} open connections, "
-                    "rejecting new ones with 503",
-                    max_connections=self.limit,
-                )
-            self._rejected_count += 1
-            return _RejectedConnection(self.reactor, self._linger_timeout)
-        protocol = build_protocol(addr)
-        if protocol is not None:
-            protocol.connection_limit = self
-        return protocol
-
-    def add(self) -> None:
-        """
-        Count a connection that is now open.
-        """
-        self.count += 1
-
-    def remove(self) -> None:
-        """
-        Stop counting a connection that L{add} counted, once it is lost.
-        """
-        self.count -= 1
-        if self._rejected_count and self.count < (self.limit or 0):
-            log.info(
-                "below the limit of {max_connections} open connections again, "
-                "{rejected} connections were rejected with 503",
-                max_connections=self.limit,
-                rejected=self._rejected_count,
-            )
-            self._rejected_count = 0
-
-
-def handshake_timed_out(transport: Any, timeout: float) -> None:
-    """
-    Abort a TLS connection whose handshake took more than C{timeout} seconds.
-    """
-    log.info(
-        "closing the connection from {peer}: the TLS handshake timed out "
-        "after {timeout} seconds",
-        peer=_peer_address(transport),
-        timeout=timeout,
-    )
-    transport.abortConnection()
-
-
-class _RejectedConnection(HalfCloseable, Protocol):
-    """
-    A connection beyond the limit, which gets 503 and is closed.
-    """
-
-    def __init__(self, reactor: Any, linger_timeout: float) -> None:
-        self._reactor = reactor
-        self._linger_timeout = linger_timeout
-        self._linger: Linger | None = None
-
-    def connectionMade(self) -> None:
-        reason = "too many open connections, try again later"
-        self.transport.write(_error_response(503, reason, self._reactor.seconds()))
-        self._linger = linger_close(
-            self.transport, self._reactor, self._linger_timeout
-        )
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._linger is not None:
-            self._linger.cancel()

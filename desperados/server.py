@@ -31,8 +31,9 @@ from desperados.access_log import AccessLog
 from desperados.builder import PlugSpec
 from desperados.channel import HTTPChannelSelector, build_channel
 from desperados.compression import Compression
+from desperados.connection_limit import ConnectionLimit
 from desperados.drain import DEFAULT_DRAIN_TIMEOUT, Drain
-from desperados.http1 import ConnectionLimit, HTTPOptions
+from desperados.http1_options import HTTPOptions
 from desperados.request import DEFAULT_MAX_BODY_SIZE, StreamingRequest
 from desperados.resource import DEFAULT_RESPONSE_TIMEOUT, PlugResource
 from desperados.tls import TLSServerEndpoint, certificate_options

@@ -26,7 +26,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from desperados.http1 import HTTPOptions
+from desperados.http1_options import HTTPOptions
 from desperados.http2 import H2Connection
 
 BIG_BODY = bytes(range(256)) * 800  # 204,800 bytes: several windows' worth

@@ -276,7 +276,7 @@ class Options(usage.Options):
 
 
     def _http_options(self) -> Any:
-        from desperados.http1 import HTTPOptions
+        from desperados.http1_options import HTTPOptions
 
         # Option name, and whether 'none' is allowed.
         counts = [
