@@ -37,45 +37,28 @@ and telemetry.
 from __future__ import annotations
 
 from inspect import iscoroutine
-from time import perf_counter, time
+from time import perf_counter
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
-from twisted.web.http_headers import Headers, _nameEncoder
-from twisted.web.server import unquote
+from twisted.web.http_headers import _nameEncoder
 
 from desperados import telemetry
 from desperados._logging import observer as log_observer
 from desperados.body import BodyChunk, RequestBody
 from desperados.conn import SENT, SET, Conn
 from desperados.errors import ClientDisconnectedError
-from desperados.http1 import (
-    _FIELD_LINE_BYTES,
-    _REQUEST_LINE_BYTES,
-    _TOKEN,
-    HTTPOptions,
-    _check_head,
-    closes_connection,
-    lists_close,
-)
+from desperados.http1 import closes_connection, lists_close
+from desperados.http1_fast_head import _parse_head, _ParsedRequest
+from desperados.http1_fast_requests import _http_date, _SentRequest, _WaitingRequest
 from desperados.request import reason_phrase
 from desperados.resource import PlugResource, build_conn
 from desperados.response import wire_response
 
 log = Logger(namespace="desperados.http1_fast", observer=log_observer)
-
-# Header fields after which the channel has to serve the request: a body
-# (unless Content-Length is 0), 100-continue, and protocol switches
-# (WebSocket, h2c).
-_HANDED_OVER_FIELDS = frozenset(
-    [b"content-length", b"transfer-encoding", b"expect", b"upgrade"]
-)
-
-_HTTP11 = b"HTTP/1.1"
 
 # The channel keeps a connection for good once it has given it back this
 # many times in a row and each time the next request was handed over again.
@@ -83,12 +66,6 @@ _HTTP11 = b"HTTP/1.1"
 # request needs the channel (a pipeline that always streams its response)
 # pays that twice and then costs what it costs without this path.
 _MAX_FUTILE_RETURNS = 2
-
-# Field names that passed the token check, in lower case.  The count is
-# capped, as in twisted.web's own name cache, so that a client sending
-# ever new names cannot fill the memory.
-_checked_names: dict[bytes, bytes] = {}
-_MAX_CHECKED_NAMES = 1000
 
 
 class FastPath:
@@ -526,154 +503,6 @@ class _FastAdapter:
         self._channel_adapter(conn).inform(conn, status, headers)
 
 
-class _WaitingRequest:
-    """
-    A request whose pipeline L{FastPath} waits for, as the twisted.web
-    request that L{PlugResource.complete} finishes.
-
-    It provides what the bridge's C{_wait}, C{_finish}, C{_fail} and
-    C{_send_error} use: an error response is written with one
-    C{transport.write}, as twisted.web writes it.  Once the request is
-    passed on to the channel, these go to the channel's request.
-
-    :ivar head_length: the length of the request head, with its blank
-        line, at the start of the adapter's bytes.
-    """
-
-    clientproto = _HTTP11
-    startedWriting = False  # noqa: N815
-    sentLength = 0  # noqa: N815
-    _passed_on: Any = None
-
-    def __init__(self, path: FastPath, adapter: _FastAdapter, head_length: int):
-        self._path = path
-        self.adapter = adapter
-        self.head_length = head_length
-        self.channel = path._channel
-        self.finished = False
-        self._disconnected = False
-        self._finish_notifications: list[Deferred[None]] = []
-        self.access_log_client: str | None = None
-        self.code = 200
-        self._body: list[bytes] = []
-        # The headers twisted.web's Request has at this point: Connection
-        # from checkPersistence, then Date from Request.process.
-        self.responseHeaders = Headers()  # noqa: N815
-        if not adapter._persistent:
-            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
-        self.responseHeaders.setRawHeaders(b"date", [_http_date()])
-
-    def __getattribute__(self, name: str) -> Any:
-        passed_on = object.__getattribute__(self, "_passed_on")
-        if passed_on is not None and name not in _OWN_ATTRIBUTES:
-            return getattr(passed_on, name)
-        return object.__getattribute__(self, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        passed_on = self._passed_on
-        if passed_on is not None and name not in _OWN_ATTRIBUTES:
-            setattr(passed_on, name, value)
-            return
-        object.__setattr__(self, name, value)
-
-    def pass_on(self, request: Any) -> None:
-        """
-        Carry on as C{request}, the channel's request for the same head.
-        """
-        notifications, self._finish_notifications = self._finish_notifications, []
-        self._passed_on = request
-        for notification in notifications:
-            request.notifyFinish().chainDeferred(notification)
-
-    def notifyFinish(self) -> Deferred[None]:  # noqa: N802
-        finished: Deferred[None] = Deferred()
-        if self.finished:
-            finished.callback(None)
-        elif self._disconnected:
-            finished.errback(Failure(ClientDisconnectedError("client disconnected")))
-        else:
-            self._finish_notifications.append(finished)
-        return finished
-
-    def client_gone(self, reason: Failure) -> None:
-        """
-        Log the request as left by its client and fail its finish notifications.
-        """
-        if self.finished:
-            return
-        self._disconnected = True
-        adapter = self.adapter
-        path = self._path
-        # As StreamingRequest.connectionLost: the access log gets the line
-        # of a request that never finished.
-        record = _SentRequest(adapter._request, path._client, self.code, 0, False)
-        record.finished = record.startedWriting = False
-        self._record_end(record, None)
-        notifications, self._finish_notifications = self._finish_notifications, []
-        for notification in notifications:
-            notification.errback(reason)
-
-    def _record_end(self, record: _SentRequest, status: int | None) -> None:
-        """
-        Log C{record} to the access log and emit C{http.request.stop}.
-
-        :param status: the status sent, or None if the client left first.
-        """
-        record.access_log_client = self.access_log_client
-        self.channel.site.log(record)
-        adapter = self.adapter
-        started = adapter.started
-        if started is not None and telemetry.observers:
-            telemetry.emit(
-                "http.request.stop",
-                method=adapter._request.method.decode("latin-1"),
-                status=status,
-                duration=perf_counter() - started,
-            )
-
-    def setResponseCode(self, code: int, message: bytes | None = None) -> None:  # noqa: N802
-        self.code = code
-
-    def write(self, data: bytes) -> None:
-        self._body.append(data)
-
-    def finish(self) -> None:
-        """
-        Write the error response that the bridge built, then carry on.
-        """
-        if self.finished or self._disconnected:
-            return
-        self.finished = True
-        body = b"".join(self._body)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (self.code, reason_phrase(self.code))]
-        persistent = self.adapter._persistent
-        for name, values in self.responseHeaders.getAllRawHeaders():
-            for value in values:
-                lines.append(b"%s: %s\r\n" % (name, value))
-            if name.lower() == b"connection" and lists_close(values):
-                persistent = False
-        lines.append(b"\r\n")
-        lines.append(body)
-        path = self._path
-        path._transport.write(b"".join(lines))
-
-        adapter = self.adapter
-        record = _SentRequest(
-            adapter._request, path._client, self.code, len(body), persistent
-        )
-        adapter.record = record
-        self._record_end(record, self.code)
-        for notification in self._finish_notifications:
-            notification.callback(None)
-        self._finish_notifications = []
-        path.finish_waiting(self, persistent)
-
-
-# The attributes that a _WaitingRequest keeps once passed on to the
-# channel.  It reads and sets every other one on the channel's request.
-_OWN_ATTRIBUTES = frozenset(["_passed_on", "__dict__", "adapter", "head_length"])
-
-
 def _nothing() -> None:
     pass
 
@@ -701,159 +530,3 @@ def _settled(result: object) -> object:
         # The caller handles this failure, so the Deferred must not log it.
         result.addErrback(lambda _: None)
     return settled[0]
-
-
-class _ParsedRequest:
-    """
-    The parts of a request head that L{_parse_head} accepted.
-
-    :ivar fields: the header values by lower-case name, in the order the
-        names first appear, as twisted.web's Headers keeps them.
-    """
-
-    __slots__ = ("fields", "method", "uri")
-
-    def __init__(self, method: bytes, uri: bytes, fields: dict[bytes, list[bytes]]):
-        self.method = method
-        self.uri = uri
-        self.fields = fields
-
-    def path_info(self) -> list[bytes]:
-        """
-        Return the percent-decoded path segments, as twisted.web's C{postpath}.
-        """
-        segments = self.uri.partition(b"?")[0][1:].split(b"/")
-        if b"%" not in self.uri:
-            return segments
-        return [unquote(segment) for segment in segments]
-
-
-class _FieldView:
-    """
-    The C{getRawHeaders} of twisted.web's Headers over a L{_ParsedRequest}'s fields.
-    """
-
-    __slots__ = ("_fields",)
-
-    def __init__(self, fields: dict[bytes, list[bytes]]) -> None:
-        self._fields = fields
-
-    def getRawHeaders(self, name: bytes) -> list[bytes] | None:  # noqa: N802
-        return self._fields.get(name)
-
-
-def _parse_head(head: bytes, options: HTTPOptions) -> _ParsedRequest | None:
-    """
-    Parse a request head, without its final blank line, if this path serves it.
-
-    Returns None for a head that this path leaves to the channel: one that
-    is invalid, where the channel sends the error response, or one that is
-    valid but needs the channel (see L{_HANDED_OVER_FIELDS}).  Every check
-    is at least as strict as L{desperados.http1.DesperadosChannel}'s, so a
-    head accepted here is one that the channel would dispatch.
-    """
-    if len(head) > options.max_head_size:
-        return None
-    request_line, *field_lines = head.split(b"\r\n")
-    if len(request_line) > options.max_request_line_length or request_line.translate(
-        None, _REQUEST_LINE_BYTES
-    ):
-        return None
-    parts = request_line.split(b" ")
-    if len(parts) != 3:
-        return None
-    method, uri, version = parts
-    if version != _HTTP11 or uri[:1] != b"/" or not _TOKEN.fullmatch(method):
-        return None
-
-    if len(field_lines) > options.max_header_count:
-        return None
-    max_length = options.max_header_length
-    fields: dict[bytes, list[bytes]] = {}
-    for line in field_lines:
-        if len(line) > max_length or line.translate(None, _FIELD_LINE_BYTES):
-            return None
-        name, colon, value = line.partition(b":")
-        checked = _checked_names.get(name)
-        if checked is None:
-            # The token check also rejects obs-fold (a leading space or tab)
-            # and whitespace before the colon.
-            if not colon or not _TOKEN.fullmatch(name):
-                return None
-            checked = name.lower()
-            if len(_checked_names) < _MAX_CHECKED_NAMES:
-                _checked_names[name] = checked
-        elif not colon:
-            return None
-        name = checked
-        value = value.strip(b" \t")
-        if name in _HANDED_OVER_FIELDS and not (
-            # One Content-Length of 0 is a request without a body.
-            name == b"content-length" and value == b"0" and name not in fields
-        ):
-            return None
-        values = fields.get(name)
-        if values is None:
-            fields[name] = [value]
-        else:
-            values.append(value)
-
-    if b"host" not in fields or _check_head(_FieldView(fields), _HTTP11) is not None:
-        return None
-    return _ParsedRequest(method, uri, fields)
-
-
-class _SentRequest:
-    """
-    The record of a request that L{FastPath} served, with the attributes of
-    a finished twisted.web request that the access log and the bridge read.
-    """
-
-    finished = True
-    startedWriting = True  # noqa: N815
-    _disconnected = False
-    clientproto = _HTTP11
-
-    def __init__(
-        self,
-        request: _ParsedRequest,
-        client: Any,
-        code: int,
-        sent_length: int,
-        persistent: bool,
-    ) -> None:
-        self.persistent = persistent
-        self.method = request.method
-        self.uri = request.uri
-        self._fields = request.fields
-        self._client = client
-        self.code = code
-        self.sentLength = sent_length
-        self.access_log_client: str | None = None
-
-    def getClientAddress(self) -> Any:  # noqa: N802
-        return self._client
-
-    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802
-        values = self._fields.get(name)
-        return values[-1] if values else None
-
-    def notifyFinish(self) -> Deferred[None]:  # noqa: N802
-        return succeed(None)
-
-
-_date_second = -1
-_date_value = b""
-
-
-def _http_date() -> bytes:
-    """
-    Return the Date header value for now, formatted once per second.
-    """
-    global _date_second, _date_value
-    now = time()
-    second = int(now)
-    if second != _date_second:
-        _date_value = datetimeToString(now)
-        _date_second = second
-    return _date_value
