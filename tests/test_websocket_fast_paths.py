@@ -21,7 +21,7 @@ from twisted.internet import reactor
 
 from desperados import Binary, Builder, Push, Text, endpoints, start_link
 from desperados.plugs import Websocket
-from desperados.websocket import HandlerProtocol
+from desperados.websocket_protocol import HandlerProtocol
 from desperados.websocket_frames import _PYTHON_MASKER_LIMIT, _PythonMasker
 
 TEXT = 0x1
