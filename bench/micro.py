@@ -1,7 +1,7 @@
 """
 CPU cost of one HTTP request and one WebSocket echo, in process, no sockets.
 
-    bench/.venv/bin/python bench/micro.py [--profile CASE]
+    bench/.venv/bin/python bench/micro.py [--profile SERVER:CASE]
 
 Each case feeds exact bytes to a server protocol on a
 C{twisted.internet.testing.StringTransport} and times it with
@@ -9,11 +9,12 @@ C{time.process_time}, so the figure is the server's own CPU time per request
 or message and moves much less than a loopback benchmark when other
 processes share the machine.  Cases run for desperados and for the
 hand-written twisted.web and Autobahn code in bench/servers/twisted_web.py.
-C{--profile CASE} prints a cProfile of one case instead.  C{--run CASE
---count N} runs one case N times after a short warm-up, for instruction
-counts: the difference between two runs under C{valgrind --tool=callgrind}
-with different counts, divided by the difference in counts, is the number of
-instructions per request or message.
+C{--profile SERVER:CASE} (such as C{desperados:http-new}) prints a cProfile
+of one case instead.  C{--run SERVER:CASE --count N} runs one case N times
+after a short warm-up, for instruction counts: the difference between two
+runs under C{valgrind --tool=callgrind} with different counts, divided by
+the difference in counts, is the number of instructions per request or
+message.
 """
 
 from __future__ import annotations
