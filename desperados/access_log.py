@@ -94,11 +94,12 @@ class AccessLog:
             )
 
 
-class RejectedRequest:
+class RequestRecord:
     """
-    A request that the HTTP/1.1 channel rejected before the pipeline ran,
-    with the attributes of a finished twisted.web request that
-    L{format_line} reads.
+    A request answered without a twisted.web request, with the attributes
+    of a finished one that L{format_line} reads: one that the HTTP/1.1
+    channel rejected before the pipeline ran, or one that the fast path
+    served.
 
     :param method: the method, or None if the request line was not parsed.
     :param uri: the request target, or None with C{method}.
@@ -111,7 +112,7 @@ class RejectedRequest:
 
     finished = True
     startedWriting = True  # noqa: N815
-    access_log_client = None
+    access_log_client: str | None = None
 
     def __init__(
         self,

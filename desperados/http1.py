@@ -26,7 +26,7 @@ from twisted.web.http import (
 
 from desperados import telemetry
 from desperados._logging import observer as log_observer
-from desperados.access_log import RejectedRequest
+from desperados.access_log import RequestRecord
 from desperados.http1_options import HTTPOptions
 from desperados.linger import Linger, linger_close
 
@@ -466,7 +466,7 @@ class DesperadosChannel(HTTPChannel):
         if log_request is None:
             return
         headers = self.requests[-1].requestHeaders if self.requests else None
-        record = RejectedRequest(
+        record = RequestRecord(
             method,
             target,
             version,

@@ -17,6 +17,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 
 from desperados import telemetry
+from desperados.access_log import RequestRecord
 from desperados.errors import ClientDisconnectedError
 from desperados.http1 import lists_close
 from desperados.http1_fast_head import _HTTP11, _ParsedRequest
@@ -174,16 +175,13 @@ class _WaitingRequest:
 _OWN_ATTRIBUTES = frozenset(["_passed_on", "__dict__", "adapter", "head_length"])
 
 
-class _SentRequest:
+class _SentRequest(RequestRecord):
     """
     The record of a request that L{FastPath} served, with the attributes of
     a finished twisted.web request that the access log and the bridge read.
     """
 
-    finished = True
-    startedWriting = True  # noqa: N815
     _disconnected = False
-    clientproto = _HTTP11
 
     def __init__(
         self,
@@ -193,17 +191,11 @@ class _SentRequest:
         sent_length: int,
         persistent: bool,
     ) -> None:
+        super().__init__(
+            request.method, request.uri, _HTTP11, None, client, code, sent_length
+        )
         self.persistent = persistent
-        self.method = request.method
-        self.uri = request.uri
         self._fields = request.fields
-        self._client = client
-        self.code = code
-        self.sentLength = sent_length
-        self.access_log_client: str | None = None
-
-    def getClientAddress(self) -> Any:  # noqa: N802
-        return self._client
 
     def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802
         values = self._fields.get(name)
