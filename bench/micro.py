@@ -82,7 +82,7 @@ PENDING: list[Deferred] = []
 
 async def async_404(conn, opts):
     """
-    Answer 404 after waiting once on a Deferred, as on a callLater(0).
+    Send 404 after waiting once on a Deferred, as on a callLater(0).
     """
     waiting = Deferred()
     PENDING.append(waiting)
@@ -92,7 +92,7 @@ async def async_404(conn, opts):
 
 async def mixed_404(conn, opts):
     """
-    Answer 404, after waiting once on a Deferred for the path /slow only.
+    Send 404, after waiting once on a Deferred for the path /slow only.
     """
     if conn.request_path == "/slow":
         waiting = Deferred()
@@ -173,7 +173,7 @@ def http_case(site: object, count: int) -> float:
         protocol.dataReceived(REQUEST)
         if index % 64 == 0:
             if not transport.value().startswith(b"HTTP/1.1 404"):
-                raise RuntimeError(f"unexpected answer: {transport.value()[:200]!r}")
+                raise RuntimeError(f"expected a 404 response, got {transport.value()[:200]!r}")
             transport.clear()
     elapsed = time.process_time() - start
     transport.loseConnection()
@@ -199,7 +199,7 @@ def new_connection_case(site: object, count: int) -> float:
 
 def async_case(site: object, count: int, every: int = 1) -> float:
     """
-    Seconds of CPU per keep-alive request answered with 404, where every
+    Seconds of CPU per keep-alive request that gets a 404, where every
     C{every}th request goes to the path /slow.  The servers wait once on a
     Deferred, which this loop fires after the request, for all requests
     (async_404, AsyncNotFound) or for /slow (mixed_404).
@@ -214,7 +214,7 @@ def async_case(site: object, count: int, every: int = 1) -> float:
         PENDING.clear()
         if index % 64 == 0:
             if not transport.value().startswith(b"HTTP/1.1 404"):
-                raise RuntimeError(f"unexpected answer: {transport.value()[:200]!r}")
+                raise RuntimeError(f"expected a 404 response, got {transport.value()[:200]!r}")
             transport.clear()
             # A running reactor drops the cancelled response timeouts from
             # its queue of timed calls; this loop runs none otherwise.

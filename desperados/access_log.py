@@ -96,7 +96,7 @@ class AccessLog:
 
 class RequestRecord:
     """
-    A request answered without a twisted.web request, with the attributes
+    A request served without a twisted.web request, with the attributes
     of a finished one that L{format_line} reads: one that the HTTP/1.1
     channel rejected before the pipeline ran, or one that the fast path
     served.

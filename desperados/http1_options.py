@@ -49,9 +49,9 @@ class HTTPOptions:
         it is aborted, so that a client still sending gets the whole
         response instead of a TCP reset.
     :ivar tls_handshake_timeout: seconds from the TCP connection until the
-        TLS handshake is complete; then the connection is aborted, since
-        no HTTP response can be sent yet.  C{None} for no limit other than
-        C{keepalive_timeout}.
+        TLS handshake must be complete.  A connection still in its handshake
+        then is aborted, because no HTTP response can be sent before the
+        handshake ends.  C{None} for no limit other than C{keepalive_timeout}.
     """
 
     max_request_line_length: int = 10_000
